@@ -1,0 +1,162 @@
+"""Settings and load_settings(): the only place that reads the configuration file."""
+
+from __future__ import annotations
+
+import tomllib
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import (
+    AnyHttpUrl,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from sdproxy.errors import ConfigError
+
+_file_data: ContextVar[dict[str, Any] | None] = ContextVar("_file_data", default=None)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerSettings(_Section):
+    """Where sdproxy listens and what it accepts from clients."""
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 7860
+    max_body_mb: Annotated[float, Field(gt=0)] = 64.0
+    max_images_per_request: Annotated[int, Field(ge=1)] = 1000
+
+
+class SchedulerSettings(_Section):
+    """How long sdproxy waits for nodes, and how hard it tries before giving up."""
+
+    request_timeout_s: Annotated[float, Field(gt=0)] = 1800.0
+    connect_timeout_s: Annotated[float, Field(gt=0)] = 5.0
+    share_timeout_s: Annotated[float, Field(gt=0)] = 900.0
+    max_redispatches: Annotated[int, Field(ge=0)] = 3
+    health_interval_s: Annotated[float, Field(gt=0)] = 5.0
+    health_timeout_s: Annotated[float, Field(gt=0)] = 3.0
+
+
+class NodeSettings(_Section):
+    """One webui node behind sdproxy."""
+
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")]
+    url: AnyHttpUrl
+    weight: Annotated[float, Field(gt=0)] = 1.0
+    max_batch_size: Annotated[int | None, Field(ge=1)] = None
+
+    @field_validator("url")
+    @classmethod
+    def _plain_base_url(cls, url: AnyHttpUrl) -> AnyHttpUrl:
+        if url.query or url.fragment:
+            raise ValueError("a node URL takes no query or fragment")
+        if url.username or url.password:
+            raise ValueError("put credentials in username/password, not in the URL")
+        return url
+
+    @property
+    def base_url(self) -> str:
+        """The URL without pydantic's trailing slash, for yarl to join paths onto."""
+        return str(self.url).rstrip("/")
+
+
+class Settings(BaseSettings):
+    """Everything sdproxy is configured with. Environment variables override the file."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SDPROXY_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    server: ServerSettings = ServerSettings()
+    scheduler: SchedulerSettings = SchedulerSettings()
+    nodes: Annotated[list[NodeSettings], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Settings:
+        seen: set[str] = set()
+        for node in self.nodes:
+            if node.name in seen:
+                raise ValueError(f"duplicate node name {node.name!r}")
+            seen.add(node.name)
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Earlier sources win: arguments, then SDPROXY_* variables, then the TOML file.
+        return init_settings, env_settings, _FileSource(settings_cls)
+
+
+class _FileSource(PydanticBaseSettingsSource):
+    """The parsed TOML file, handed over by load_settings() through a context variable."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return (_file_data.get() or {}).get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(_file_data.get() or {})
+
+
+def load_settings(path: Path | None, **overrides: Any) -> Settings:
+    """Read ``path`` (TOML), apply ``SDPROXY_*`` environment overrides, validate.
+
+    Raises ConfigError with one line naming the file, the key and what is wrong.
+    """
+    data: dict[str, Any] = {}
+    where = str(path) if path is not None else "environment"
+    if path is not None:
+        try:
+            with path.open("rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such file") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    token = _file_data.set(data)
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(f"{where}: {describe_validation_error(exc, data)}") from exc
+    finally:
+        _file_data.reset(token)
+
+
+def describe_validation_error(exc: ValidationError, data: dict[str, Any]) -> str:
+    """The first problem of ``exc`` in one line, with its key as a TOML path."""
+    first = exc.errors(include_url=False)[0]
+    parts: list[str] = []
+    nodes = data.get("nodes")
+    for part in first["loc"]:
+        if isinstance(part, int) and parts == ["nodes"] and isinstance(nodes, list):
+            name = nodes[part].get("name") if part < len(nodes) else None
+            parts[-1] = f"nodes[{part}]" + (f" ({name})" if isinstance(name, str) else "")
+        else:
+            parts.append(str(part))
+    key = ".".join(parts) or "(top level)"
+    message = first["msg"]
+    if first["type"] == "extra_forbidden":
+        message = "unknown key"
+    elif first["type"] == "missing":
+        message = "required key missing"
+    return f"{key}: {message}"

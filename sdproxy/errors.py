@@ -1,0 +1,167 @@
+"""The exception tree of sdproxy and the webui-shaped JSON bodies errors turn into.
+
+::
+
+    SdproxyError
+    ├── ConfigError                 bad config file or command-line argument
+    ├── ClientError                 the client's request is at fault (4xx)
+    │   ├── RequestValidationError  422, FastAPI's validation body
+    │   ├── BodyTooLarge            413
+    │   └── NotFound                404
+    ├── NoNodeAvailable             503: no healthy node can take the work
+    ├── RequestTimeout              504: the request's overall deadline passed
+    ├── GenerationFailed            502: shares failed and no node could take them over
+    └── NodeError                   one call to one node failed
+        ├── NodeUnreachable         refused, reset, DNS: nothing usable came back
+        ├── NodeTimeout             the node did not answer within the deadline
+        ├── NodeBadResponse         5xx, malformed or incomplete JSON
+        └── NodeRejected            the node answered 4xx: the request is at fault
+
+Only ``nodes.py`` catches aiohttp's and asyncio's errors and raises ``NodeError``s from them; only
+the error middleware in ``app.py`` turns these exceptions into HTTP responses, through
+:func:`error_response_parts`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class SdproxyError(Exception):
+    """Base of every error sdproxy raises on purpose."""
+
+    status = 500
+
+    def body(self) -> dict[str, Any]:
+        """The webui's error body (``api_middleware.handle_exception``) for this error."""
+        return webui_error_body(type(self).__name__, detail=str(self))
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+
+class ConfigError(SdproxyError):
+    """The configuration file or a command-line argument is invalid."""
+
+
+class ClientError(SdproxyError):
+    """The client's request is at fault."""
+
+    status = 400
+
+
+class RequestValidationError(ClientError):
+    """A request body failed validation; the body mirrors FastAPI's 422 answer."""
+
+    status = 422
+
+    def __init__(self, errors: list[dict[str, Any]]) -> None:
+        self.errors = errors
+        super().__init__("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors))
+
+    def body(self) -> dict[str, Any]:
+        return {"detail": self.errors}
+
+
+class BodyTooLarge(ClientError):
+    """The request body is larger than the configured limit."""
+
+    status = 413
+
+
+class NotFound(ClientError):
+    """Something the request names does not exist (as the webui's 404 ``HTTPException``)."""
+
+    status = 404
+
+    def body(self) -> dict[str, Any]:
+        return webui_error_body("HTTPException", detail=str(self))
+
+
+class NoNodeAvailable(SdproxyError):
+    """No healthy node can take the work right now."""
+
+    status = 503
+
+    def __init__(self, message: str, retry_after_s: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
+
+class RequestTimeout(SdproxyError):
+    """The request's overall deadline passed before every image was rendered."""
+
+    status = 504
+
+
+class GenerationFailed(SdproxyError):
+    """Shares of a request failed and no healthy node could take them over."""
+
+    status = 502
+
+    def __init__(self, message: str, failures: dict[str, str]) -> None:
+        super().__init__(message)
+        self.failures = failures
+
+    def body(self) -> dict[str, Any]:
+        body = super().body()
+        body["nodes"] = self.failures
+        return body
+
+
+class NodeError(SdproxyError):
+    """A call to one node failed."""
+
+    status = 502
+
+    def __init__(self, node: str, message: str) -> None:
+        super().__init__(f"node {node!r}: {message}")
+        self.node = node
+        self.reason = message
+
+
+class NodeUnreachable(NodeError):
+    """The node could not be reached or dropped the connection."""
+
+
+class NodeTimeout(NodeError):
+    """The node did not answer within the deadline."""
+
+    status = 504
+
+
+class NodeBadResponse(NodeError):
+    """The node answered with a server error or a body sdproxy cannot use."""
+
+
+class NodeRejected(NodeError):
+    """The node refused the request with a 4xx: the request, not the node, is at fault.
+
+    The node's own status and JSON body are passed on to the client unchanged.
+    """
+
+    def __init__(self, node: str, status: int, body: Any) -> None:
+        super().__init__(node, f"answered {status}")
+        self.status = status
+        self.node_body = body
+
+    def body(self) -> dict[str, Any]:
+        if isinstance(self.node_body, dict):
+            return self.node_body
+        return webui_error_body("HTTPException", detail=str(self.node_body))
+
+
+def webui_error_body(error: str, *, detail: str = "", errors: str = "") -> dict[str, Any]:
+    """The body the webui's ``handle_exception`` answers with (reference section 2.5)."""
+    return {"error": error, "detail": detail, "body": "", "errors": errors}
+
+
+def validation_error(loc: list[str | int], message: str, type_: str, **ctx: Any) -> dict[str, Any]:
+    """One item of a FastAPI/pydantic-1 422 ``detail`` list."""
+    item: dict[str, Any] = {"loc": loc, "msg": message, "type": type_}
+    if ctx:
+        item["ctx"] = ctx
+    return item
