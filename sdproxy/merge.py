@@ -1,0 +1,189 @@
+"""Pure: many nodes' txt2img/img2img responses -> the one response a single webui would give."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from sdproxy.request import GenerationRequest, Seeds
+
+# The per-image lists of info, concatenated in image order across parts.
+_PER_IMAGE_LISTS = ("all_prompts", "all_negative_prompts", "all_seeds", "all_subseeds")
+
+
+class BadNodeResult(ValueError):
+    """A node's response does not hold what it was asked to render."""
+
+
+@dataclass(frozen=True)
+class Part:
+    """One node's answer for images ``start .. start + count - 1``, grid removed."""
+
+    node: str
+    start: int
+    count: int
+    images: list[str]  # base64, the rendered images in order
+    extra_images: list[str]  # what a node appends after them (Forge: ControlNet maps)
+    infotexts: list[str]
+    info: dict[str, Any]
+    parameters: dict[str, Any]
+    grid_returned: bool  # the node put a grid first: grids are on for this cluster
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.count
+
+
+@dataclass
+class Merged:
+    """The merged response before serialization."""
+
+    images: list[str]
+    parameters: dict[str, Any]
+    info: dict[str, Any]
+    grid_wanted: bool
+    shares: list[tuple[str, int, int]] = field(default_factory=list)  # (node, first, last)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """The webui's envelope: images, parameters, then info as a JSON string."""
+        return {"images": self.images, "parameters": self.parameters, "info": dump_info(self.info)}
+
+
+def read_part(node: str, start: int, count: int, response: Any, send_images: bool) -> Part:
+    """Check one node's JSON answer for ``count`` images and take its grid off.
+
+    Raises BadNodeResult when the answer lacks images or info it should have.
+    """
+    if not isinstance(response, dict):
+        raise BadNodeResult("the response is not a JSON object")
+    images = response.get("images")
+    parameters = response.get("parameters")
+    raw_info = response.get("info")
+    if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+        raise BadNodeResult("'images' is not a list of strings")
+    if not isinstance(parameters, dict):
+        raise BadNodeResult("'parameters' is not an object")
+    try:
+        info = json.loads(raw_info) if isinstance(raw_info, str) else None
+    except ValueError:
+        info = None
+    if not isinstance(info, dict):
+        raise BadNodeResult("'info' is not a JSON object string")
+    infotexts = info.get("infotexts")
+    if not isinstance(infotexts, list):
+        raise BadNodeResult("info has no 'infotexts' list")
+    grid = info.get("index_of_first_image") == 1 and len(infotexts) == count + 1
+    if grid:
+        infotexts = infotexts[1:]
+        images = images[1:] if send_images else images
+    if len(infotexts) != count:
+        raise BadNodeResult(f"asked for {count} images, got infotexts for {len(infotexts)}")
+    if send_images and len(images) < count:
+        raise BadNodeResult(f"asked for {count} images, got {len(images)}")
+    for key in _PER_IMAGE_LISTS:
+        if key in info and not isinstance(info[key], list):
+            raise BadNodeResult(f"info {key!r} is not a list")
+    return Part(
+        node=node,
+        start=start,
+        count=count,
+        images=images[:count] if send_images else [],
+        extra_images=images[count:] if send_images else [],
+        infotexts=infotexts,
+        info=info,
+        parameters=parameters,
+        grid_returned=grid,
+    )
+
+
+def merge_parts(request: GenerationRequest, seeds: Seeds, parts: Sequence[Part]) -> Merged:
+    """Merge parts covering every image of ``request`` into one webui response.
+
+    ``parts`` may come in any order; together they must cover the images exactly once.
+    """
+    ordered = sorted(parts, key=lambda p: p.start)
+    expected = 0
+    for part in ordered:
+        if part.start != expected:
+            raise ValueError(f"parts do not tile the request: gap or overlap at image {expected}")
+        expected = part.stop
+    if expected != request.total_images:
+        raise ValueError(f"parts cover {expected} images, the request has {request.total_images}")
+
+    first = ordered[0]
+    info = dict(first.info)
+    for key in _PER_IMAGE_LISTS:
+        if key in info:
+            info[key] = [value for part in ordered for value in part.info.get(key, [])]
+    _pad_to_reported_total(info, request, seeds)
+    for scalar, listed in (
+        ("prompt", "all_prompts"),
+        ("negative_prompt", "all_negative_prompts"),
+        ("seed", "all_seeds"),
+        ("subseed", "all_subseeds"),
+    ):
+        if info.get(listed):
+            info[scalar] = info[listed][0]
+    if "batch_size" in info:
+        info["batch_size"] = request.reported_batch_size
+    info["index_of_first_image"] = 0
+    info["infotexts"] = [text for part in ordered for text in part.infotexts]
+
+    images = [image for part in ordered for image in part.images]
+    images += [image for part in ordered for image in part.extra_images]
+    # A node with two or more images shows whether grids are on (opts.return_grid); when no
+    # node had two, the webui's default (on) applies.
+    grids_on = any(p.grid_returned for p in ordered) or all(p.count < 2 for p in ordered)
+    grid_wanted = request.save_images and request.total_images >= 2 and grids_on
+    return Merged(
+        images=images,
+        parameters=_echo_parameters(first.parameters, request),
+        info=info,
+        grid_wanted=grid_wanted,
+        shares=[(p.node, p.start, p.stop - 1) for p in ordered],
+    )
+
+
+def with_grid(merged: Merged, grid: str | None) -> Merged:
+    """Put a grid image first, as the webui does with ``return_grid``.
+
+    ``grid`` is None when images are not sent: info still counts the grid, as the webui's does.
+    """
+    info = dict(merged.info)
+    infotexts = list(info.get("infotexts", []))
+    info["infotexts"] = infotexts[:1] + infotexts
+    info["index_of_first_image"] = 1
+    images = [grid, *merged.images] if grid is not None else merged.images
+    return replace(merged, images=images, info=info, grid_wanted=False)
+
+
+def dump_info(info: dict[str, Any]) -> str:
+    """Serialize info like the webui's ``Processed.js()``: ASCII, ", " and ": " separators."""
+    return json.dumps(info, ensure_ascii=True, default=lambda _: None)
+
+
+def _pad_to_reported_total(info: dict[str, Any], request: GenerationRequest, seeds: Seeds) -> None:
+    """With 2+ init images the webui renders fewer images than its seed lists hold: pad them."""
+    total = request.reported_total
+    for key in _PER_IMAGE_LISTS:
+        values = info.get(key)
+        if not isinstance(values, list) or not values or len(values) >= total:
+            continue
+        if key == "all_seeds":
+            step = 1 if request.subseed_strength == 0 else 0
+            values.extend(seeds.seed + k * step for k in range(len(values), total))
+        elif key == "all_subseeds":
+            values.extend(seeds.subseed + k for k in range(len(values), total))
+        else:
+            values.extend(values[-1:] * (total - len(values)))
+
+
+def _echo_parameters(node_parameters: dict[str, Any], request: GenerationRequest) -> dict[str, Any]:
+    """The node's echo of the request, with the fields sdproxy rewrote put back as sent."""
+    parameters = dict(node_parameters)
+    for key, value in request.echo.items():
+        if key in parameters:
+            parameters[key] = value
+    return parameters

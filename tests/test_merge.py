@@ -1,0 +1,161 @@
+"""Tests for merging node answers back into one webui response."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sdproxy.merge import BadNodeResult, dump_info, merge_parts, read_part, with_grid
+from sdproxy.request import GenerationRequest, Seeds, parse_generation
+
+
+def single_node_info(total: int, seed: int, subseed: int, strength: float) -> dict[str, Any]:
+    """An info dict shaped like one webui's for ``total`` images (keys in the webui's order)."""
+    seeds = [seed + (k if strength == 0 else 0) for k in range(total)]
+    subseeds = [subseed + k for k in range(total)]
+    return {
+        "prompt": "cat",
+        "all_prompts": ["cat"] * total,
+        "negative_prompt": "dog",
+        "all_negative_prompts": ["dog"] * total,
+        "seed": seeds[0],
+        "all_seeds": seeds,
+        "subseed": subseeds[0],
+        "all_subseeds": subseeds,
+        "subseed_strength": strength,
+        "width": 64,
+        "batch_size": 0,
+        "index_of_first_image": 0,
+        "infotexts": [
+            f"cat, Seed: {s}, Variation seed: {v}" for s, v in zip(seeds, subseeds, strict=True)
+        ],
+        "job_timestamp": "20261128000000",
+        "version": "v1.10.1",
+    }
+
+
+def node_answer(full: dict[str, Any], start: int, count: int, grid: bool) -> dict[str, Any]:
+    """What a node asked for images start..start+count-1 answers, sliced from ``full``."""
+    info = dict(full)
+    for key in ("all_prompts", "all_negative_prompts", "all_seeds", "all_subseeds", "infotexts"):
+        info[key] = full[key][start : start + count]
+    info["seed"], info["subseed"] = info["all_seeds"][0], info["all_subseeds"][0]
+    info["batch_size"] = count
+    images = [f"img{k}" for k in range(start, start + count)]
+    if grid and count >= 2:
+        images.insert(0, "node-grid")
+        info["infotexts"] = info["infotexts"][:1] + info["infotexts"]
+        info["index_of_first_image"] = 1
+    return {
+        "images": images,
+        "parameters": {"seed": info["seed"], "n_iter": 1},
+        "info": dump_info(info),
+    }
+
+
+def request(**body: Any) -> GenerationRequest:
+    return parse_generation("txt2img", body, max_images=10_000)
+
+
+@st.composite
+def cuts(draw: st.DrawFn, total: int) -> list[tuple[int, int]]:
+    """A random partition of range(total) into contiguous (start, count) pieces."""
+    points = sorted(draw(st.sets(st.integers(1, total - 1), max_size=min(6, total - 1))))
+    edges = [0, *points, total]
+    return [(a, b - a) for a, b in itertools.pairwise(edges)]
+
+
+class TestMergeParts:
+    """Merging node slices restores what one webui would have said."""
+
+    @given(
+        data=st.data(),
+        batch=st.integers(1, 8),
+        n_iter=st.integers(1, 4),
+        strength=st.sampled_from([0.0, 0.5]),
+        save_images=st.booleans(),
+    )
+    def test_merge_inverts_any_split(
+        self, data: st.DataObject, batch: int, n_iter: int, strength: float, save_images: bool
+    ) -> None:
+        """Cut one webui's answer into node slices (with their grids); merging restores it."""
+        total = batch * n_iter
+        req = request(
+            batch_size=batch,
+            n_iter=n_iter,
+            seed=-1,
+            subseed_strength=strength,
+            save_images=save_images,
+        )
+        full = single_node_info(total, 1000, 77, strength)
+        pieces = data.draw(cuts(total)) if total > 1 else [(0, 1)]
+        parts = [
+            read_part(f"n{i}", start, count, node_answer(full, start, count, save_images), True)
+            for i, (start, count) in enumerate(pieces)
+        ]
+        data.draw(st.randoms()).shuffle(parts)
+        merged = merge_parts(req, Seeds(1000, 77), parts)
+        expected = dict(full, batch_size=batch)
+        assert merged.info == expected
+        assert merged.images == [f"img{k}" for k in range(total)]
+        assert merged.parameters["seed"] == -1
+        assert merged.parameters["n_iter"] == n_iter
+        assert merged.grid_wanted == (save_images and total >= 2)
+        assert [first for _, first, _ in merged.shares] == [start for start, _ in pieces]
+
+    def test_merge_rejects_gaps(self) -> None:
+        """Parts that do not tile the request are a bug, never a silent short answer."""
+        full = single_node_info(4, 1, 1, 0)
+        part = read_part("a", 0, 2, node_answer(full, 0, 2, False), True)
+        with pytest.raises(ValueError, match="cover 2 images"):
+            merge_parts(request(batch_size=4), Seeds(1, 1), [part])
+
+    def test_with_grid_goes_first(self) -> None:
+        """The grid leads images and infotexts, and index_of_first_image becomes 1."""
+        full = single_node_info(2, 1, 1, 0)
+        part = read_part("a", 0, 2, node_answer(full, 0, 2, False), True)
+        merged = with_grid(merge_parts(request(batch_size=2), Seeds(1, 1), [part]), "G")
+        assert merged.images == ["G", "img0", "img1"]
+        assert merged.info["infotexts"][0] == merged.info["infotexts"][1]
+        assert merged.info["index_of_first_image"] == 1
+
+    def test_dump_info_matches_python_json(self) -> None:
+        """info is serialized like the webui's json.dumps: ASCII escapes, spaced separators."""
+        text = dump_info({"prompt": "caf\u00e9", "all_seeds": [1, 2], "f": print})
+        assert text == '{"prompt": "caf\\u00e9", "all_seeds": [1, 2], "f": null}'
+        assert json.loads(text)["prompt"] == "caf\u00e9"
+
+
+class TestReadPart:
+    """read_part refuses answers that lack what was asked for."""
+
+    @pytest.mark.parametrize(
+        ("answer", "message"),
+        [
+            ([], "not a JSON object"),
+            ({"images": "x", "parameters": {}, "info": "{}"}, "not a list"),
+            ({"images": [], "parameters": [], "info": "{}"}, "'parameters'"),
+            ({"images": [], "parameters": {}, "info": "{not json"}, "'info'"),
+            ({"images": [], "parameters": {}, "info": "{}"}, "infotexts"),
+            ({"images": ["a"], "parameters": {}, "info": '{"infotexts": ["t"]}'}, "asked for 2"),
+        ],
+    )
+    def test_read_part_rejects(self, answer: Any, message: str) -> None:
+        """Each malformed answer is a BadNodeResult naming what is wrong."""
+        with pytest.raises(BadNodeResult, match=message):
+            read_part("a", 0, 2, answer, True)
+
+    def test_read_part_keeps_extra_images_apart(self) -> None:
+        """Images after the rendered ones (Forge's ControlNet maps) are kept, separately."""
+        answer = {
+            "images": ["a", "b", "map"],
+            "parameters": {},
+            "info": '{"infotexts": ["t1", "t2"]}',
+        }
+        part = read_part("n", 0, 2, answer, True)
+        assert (part.images, part.extra_images) == (["a", "b"], ["map"])
