@@ -1,0 +1,78 @@
+"""create_app(): the aiohttp application, its shared resources, middlewares and routes."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from sdproxy import __version__, routes
+from sdproxy.appkeys import cluster_key, session_key, settings_key
+from sdproxy.config import Settings
+from sdproxy.errors import SdproxyError, webui_error_body
+from sdproxy.routes import json_response
+from sdproxy.scheduler import Cluster
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn every error into the JSON body the webui would have answered with."""
+    try:
+        return await handler(request)
+    except SdproxyError as exc:
+        return json_response(exc.body(), status=exc.status, headers=exc.headers())
+    except web.HTTPRequestEntityTooLarge as exc:
+        limit_mb = request.app[settings_key].server.max_body_mb
+        detail = f"request body larger than {limit_mb:g} MiB"
+        return json_response(webui_error_body("HTTPException", detail=detail), status=exc.status)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        # FastAPI answers unknown routes and wrong methods with {"detail": reason}.
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return json_response({"detail": exc.reason}, status=exc.status, headers=headers)
+    except Exception as exc:
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        body = webui_error_body(type(exc).__name__, errors="internal error in sdproxy")
+        return json_response(body, status=500)
+
+
+async def _client_session(app: web.Application) -> AsyncIterator[None]:
+    connector = aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True)
+    async with aiohttp.ClientSession(
+        connector=connector, json_serialize=lambda o: orjson.dumps(o).decode()
+    ) as session:
+        app[session_key] = session
+        yield
+
+
+async def _cluster(app: web.Application) -> AsyncIterator[None]:
+    # Registered after the session, so it stops first: lanes end before the session closes.
+    cluster = Cluster(app[settings_key], app[session_key])
+    await cluster.start()
+    app[cluster_key] = cluster
+    try:
+        yield
+    finally:
+        await cluster.aclose()
+
+
+def create_app(settings: Settings) -> web.Application:
+    """The sdproxy application for ``settings``; resources open when it starts."""
+    app = web.Application(
+        middlewares=[error_middleware],
+        client_max_size=int(settings.server.max_body_mb * 1024 * 1024),
+    )
+    app[settings_key] = settings
+    app.cleanup_ctx.append(_client_session)
+    app.cleanup_ctx.append(_cluster)
+    routes.add_routes(app)
+    log.debug("sdproxy %s app created for %d nodes", __version__, len(settings.nodes))
+    return app

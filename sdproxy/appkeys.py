@@ -1,0 +1,13 @@
+"""The AppKeys under which the application keeps its shared resources."""
+
+from __future__ import annotations
+
+import aiohttp
+from aiohttp import web
+
+from sdproxy.config import Settings
+from sdproxy.scheduler import Cluster
+
+settings_key = web.AppKey("settings", Settings)
+session_key = web.AppKey("session", aiohttp.ClientSession)
+cluster_key = web.AppKey("cluster", Cluster)

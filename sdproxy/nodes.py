@@ -1,0 +1,158 @@
+"""NodeClient and node state: the only module that talks HTTP to webui nodes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+from yarl import URL
+
+from sdproxy.config import NodeSettings, SchedulerSettings
+from sdproxy.errors import (
+    NodeBadResponse,
+    NodeError,
+    NodeRejected,
+    NodeTimeout,
+    NodeUnreachable,
+)
+
+_JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
+
+
+@dataclass
+class NodeStats:
+    """What sdproxy has seen of one node, for planning and /cluster/status."""
+
+    healthy: bool = False
+    images_rendered: int = 0
+    requests_sent: int = 0
+    consecutive_failures: int = 0
+    last_error: str | None = None
+    last_error_at: float | None = None  # Unix time
+    last_ok_at: float | None = None
+
+
+class NodeClient:
+    """Calls one webui node's API over the app's shared ClientSession.
+
+    Every aiohttp and timeout error is turned into a NodeError here, and only here.
+    """
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        settings: NodeSettings,
+        scheduler: SchedulerSettings,
+    ) -> None:
+        self.settings = settings
+        self.name = settings.name
+        self.stats = NodeStats()
+        self._session = session
+        self._base = URL(settings.base_url)
+        self._connect_timeout_s = scheduler.connect_timeout_s
+
+    def url(self, path: str) -> URL:
+        """The node's URL for ``path`` (relative, e.g. ``sdapi/v1/txt2img``)."""
+        return self._base / path
+
+    async def generate(self, kind: str, body: dict[str, Any], timeout_s: float) -> Any:
+        """POST a txt2img/img2img body and return the decoded JSON answer."""
+        self.stats.requests_sent += 1
+        return await self.request("POST", f"sdapi/v1/{kind}", body, timeout_s=timeout_s)
+
+    async def probe(self, timeout_s: float) -> None:
+        """One cheap call that works on a busy node too; raises NodeError if it fails."""
+        await self.request(
+            "GET", "sdapi/v1/progress", params={"skip_current_image": "true"}, timeout_s=timeout_s
+        )
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        timeout_s: float,
+        params: dict[str, str] | None = None,
+    ) -> Any:
+        """One call to the node; the decoded JSON answer, or a NodeError."""
+        data = orjson.dumps(body) if body is not None else None
+        timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=self._connect_timeout_s)
+        try:
+            async with self._session.request(
+                method,
+                self.url(path),
+                data=data,
+                params=params,
+                headers=_JSON_HEADERS,
+                timeout=timeout,
+            ) as resp:
+                raw = await resp.read()
+                status = resp.status
+        except TimeoutError as exc:
+            raise NodeTimeout(self.name, f"no answer within {timeout_s:g} s") from exc
+        except aiohttp.ClientConnectorError as exc:
+            raise NodeUnreachable(self.name, f"cannot connect: {exc.os_error}") from exc
+        except aiohttp.ClientError as exc:
+            raise NodeUnreachable(self.name, f"connection failed: {type(exc).__name__}") from exc
+        return self._decode(status, raw)
+
+    def _decode(self, status: int, raw: bytes) -> Any:
+        try:
+            payload = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            if 400 <= status < 500:
+                raise NodeRejected(self.name, status, raw.decode(errors="replace")) from exc
+            raise NodeBadResponse(
+                self.name, f"answered {status} with a body that is not JSON"
+            ) from exc
+        if 400 <= status < 500:
+            raise NodeRejected(self.name, status, payload)
+        if status >= 500 or status < 200 or status >= 300:
+            raise NodeBadResponse(self.name, f"answered {status}: {_error_text(payload)}")
+        return payload
+
+    def record_success(self, images: int = 0) -> None:
+        self.stats.healthy = True
+        self.stats.consecutive_failures = 0
+        self.stats.images_rendered += images
+        self.stats.last_ok_at = time.time()
+
+    def record_failure(self, error: NodeError) -> None:
+        self.stats.healthy = False
+        self.stats.consecutive_failures += 1
+        self.stats.last_error = error.reason
+        self.stats.last_error_at = time.time()
+
+
+def _error_text(payload: Any) -> str:
+    """The message of a webui error body, or a short description of an unexpected one."""
+    if isinstance(payload, dict):
+        for key in ("errors", "detail", "message", "error"):
+            value = payload.get(key)
+            if isinstance(value, str) and value:
+                return value[:200]
+    return "unexpected body"
+
+
+async def probe_all(clients: list[NodeClient], timeout_s: float) -> None:
+    """Probe every node concurrently and record the outcome on each."""
+
+    async def probe_one(client: NodeClient) -> None:
+        try:
+            await client.probe(timeout_s)
+        except NodeRejected:
+            # It answered: reachable. A 401 here is the auth configuration's problem.
+            client.record_success()
+        except NodeError as exc:
+            client.record_failure(exc)
+        else:
+            client.record_success()
+
+    async with asyncio.TaskGroup() as group:
+        for client in clients:
+            group.create_task(probe_one(client))

@@ -1,0 +1,100 @@
+"""Thin HTTP handlers: parse the request, hand it to the cluster, answer as the webui would."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from sdproxy import __version__
+from sdproxy.appkeys import cluster_key, settings_key
+from sdproxy.errors import RequestValidationError, validation_error
+from sdproxy.request import Kind, parse_generation
+
+SHARES_HEADER = "X-Sdproxy-Shares"
+
+
+def json_response(
+    payload: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    """A JSON response serialized with orjson (``null`` included, as the webui sends it)."""
+    return web.Response(
+        body=orjson.dumps(payload), status=status, headers=headers, content_type="application/json"
+    )
+
+
+async def read_json(request: web.Request) -> Any:
+    """The request's JSON body; FastAPI's 422 shapes for a missing or malformed one."""
+    raw = await request.read()
+    if not raw.strip():
+        raise RequestValidationError(
+            [validation_error(["body"], "field required", "value_error.missing")]
+        )
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise RequestValidationError(
+            [
+                validation_error(
+                    ["body", exc.pos],
+                    f"{exc.msg}: line {exc.lineno} column {exc.colno} (char {exc.pos})",
+                    "value_error.jsondecode",
+                    msg=exc.msg,
+                    pos=exc.pos,
+                    lineno=exc.lineno,
+                    colno=exc.colno,
+                )
+            ]
+        ) from None
+
+
+def format_shares(shares: list[tuple[str, int, int]]) -> str:
+    """``gpu-a:0-3,gpu-b:4-5``: which node rendered which image indices (inclusive)."""
+    return ",".join(f"{node}:{first}-{last}" for node, first, last in shares)
+
+
+async def _generate(request: web.Request, kind: Kind) -> web.Response:
+    settings = request.app[settings_key]
+    body = await read_json(request)
+    generation = parse_generation(kind, body, max_images=settings.server.max_images_per_request)
+    result = await request.app[cluster_key].generate(generation)
+    headers = {SHARES_HEADER: format_shares(result.shares)} if result.shares else None
+    return json_response(result.body, headers=headers)
+
+
+async def txt2img(request: web.Request) -> web.Response:
+    return await _generate(request, "txt2img")
+
+
+async def img2img(request: web.Request) -> web.Response:
+    return await _generate(request, "img2img")
+
+
+async def cluster_status(request: web.Request) -> web.Response:
+    cluster = request.app[cluster_key]
+    nodes = []
+    for client in cluster.clients:
+        stats = client.stats
+        nodes.append(
+            {
+                "name": client.name,
+                "url": client.settings.base_url,
+                "healthy": stats.healthy,
+                "weight": client.settings.weight,
+                "max_batch_size": client.settings.max_batch_size,
+                "images_rendered": stats.images_rendered,
+                "requests_sent": stats.requests_sent,
+                "queued_images": cluster.lanes[client.name].queued_images,
+                "consecutive_failures": stats.consecutive_failures,
+                "last_error": stats.last_error,
+                "last_error_at": stats.last_error_at,
+            }
+        )
+    return json_response({"version": __version__, "nodes": nodes})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/sdapi/v1/txt2img", txt2img)
+    app.router.add_post("/sdapi/v1/img2img", img2img)
+    app.router.add_get("/cluster/status", cluster_status)

@@ -1,0 +1,292 @@
+"""Runs generation requests on the cluster: one queue per node, dispatch, failover, merge.
+
+A webui renders one job at a time, so each node has a lane: a FIFO of jobs (one HTTP request
+each) run one after the other by the lane's task. A request is planned into shares, each share
+cut into jobs, and the jobs queued on their nodes' lanes. When a job fails on a node, the node
+is marked down and the job, with every job still waiting on that lane, is planned again onto
+the healthy nodes: seeds were fixed up front, so any image renders the same anywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from sdproxy import images
+from sdproxy.config import Settings
+from sdproxy.errors import (
+    GenerationFailed,
+    NodeBadResponse,
+    NodeError,
+    NodeRejected,
+    NoNodeAvailable,
+    RequestTimeout,
+    SdproxyError,
+)
+from sdproxy.merge import BadNodeResult, Merged, Part, merge_parts, read_part, with_grid
+from sdproxy.nodes import NodeClient, probe_all
+from sdproxy.planner import Chunk, NodeCapacity, Share, chunk_share, plan_split
+from sdproxy.request import GenerationRequest, Seeds, node_body, resolve_seeds
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationResult:
+    """What a handler sends back: the webui's JSON envelope and who rendered what."""
+
+    body: dict[str, Any]
+    shares: list[tuple[str, int, int]]  # (node, first image, last image)
+
+
+@dataclass(eq=False)
+class Run:
+    """One client request in flight: collects parts until every image is in."""
+
+    request: GenerationRequest
+    seeds: Seeds
+    parts: list[Part] = field(default_factory=list)
+    whole: Any = None  # the raw answer of an unsplit (script) request
+    remaining: int = 0
+    redispatches: int = 0
+    failures: dict[str, str] = field(default_factory=dict)
+    error: SdproxyError | None = None
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def finished(self) -> bool:
+        return self.done.is_set()
+
+    def add(self, part: Part) -> None:
+        if self.finished:
+            return
+        self.parts.append(part)
+        self.remaining -= part.count
+        if self.remaining <= 0:
+            self.done.set()
+
+    def complete_whole(self, response: Any) -> None:
+        if not self.finished:
+            self.whole = response
+            self.done.set()
+
+    def fail(self, error: SdproxyError) -> None:
+        if not self.finished:
+            self.error = error
+            self.done.set()
+
+
+@dataclass(eq=False)
+class Job:
+    """One request to one node: a chunk of a run's images, or the whole unsplit request."""
+
+    run: Run
+    chunk: Chunk
+    whole: bool = False
+
+
+class Lane:
+    """One node's queue of jobs, run one at a time like the webui's own queue lock."""
+
+    def __init__(self, client: NodeClient, cluster: Cluster) -> None:
+        self.client = client
+        self.pending: deque[Job] = deque()
+        self.current: Job | None = None
+        self._cluster = cluster
+        self._wake = asyncio.Event()
+
+    def submit(self, job: Job) -> None:
+        self.pending.append(job)
+        self._wake.set()
+
+    def take_pending(self) -> list[Job]:
+        """Remove and return every job not yet started."""
+        jobs = list(self.pending)
+        self.pending.clear()
+        return jobs
+
+    @property
+    def queued_images(self) -> int:
+        """Images waiting or rendering on this node."""
+        jobs = [*self.pending, *([self.current] if self.current else [])]
+        return sum(job.chunk.images for job in jobs if not job.run.finished)
+
+    async def run_forever(self) -> None:
+        while True:
+            while not self.pending:
+                self._wake.clear()
+                await self._wake.wait()
+            job = self.pending.popleft()
+            if job.run.finished:
+                continue
+            self.current = job
+            try:
+                await self._execute(job)
+            finally:
+                self.current = None
+
+    async def _execute(self, job: Job) -> None:
+        run, chunk, client = job.run, job.chunk, self.client
+        request = run.request
+        if job.whole:
+            body = request.body
+        else:
+            body = node_body(request, run.seeds, chunk.start, chunk.batch_size, chunk.n_iter)
+        timeout_s = self._cluster.settings.scheduler.share_timeout_s
+        try:
+            response = await client.generate(request.kind, body, timeout_s)
+            if job.whole:
+                run.complete_whole(response)
+                client.record_success()
+                return
+            try:
+                part = read_part(
+                    client.name, chunk.start, chunk.images, response, request.send_images
+                )
+            except BadNodeResult as exc:
+                raise NodeBadResponse(client.name, str(exc)) from exc
+        except NodeRejected as exc:
+            # The node is fine; the request is not. Every node would say the same.
+            client.record_success()
+            run.fail(exc)
+        except NodeError as exc:
+            log.warning("node %s failed images %s..: %s", client.name, chunk.start, exc.reason)
+            client.record_failure(exc)
+            self._cluster.failover(self, job, exc)
+        else:
+            client.record_success(part.count)
+            run.add(part)
+
+
+class Cluster:
+    """Every node behind sdproxy, their lanes, and the requests running on them."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        session: aiohttp.ClientSession,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self.clients = [NodeClient(session, node, settings.scheduler) for node in settings.nodes]
+        self.lanes = {client.name: Lane(client, self) for client in self.clients}
+        self._rng = rng or random.SystemRandom()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        """Probe every node once, then start the lanes and the health poller."""
+        await probe_all(self.clients, self.settings.scheduler.health_timeout_s)
+        for lane in self.lanes.values():
+            self._tasks.append(asyncio.create_task(lane.run_forever(), name=lane.client.name))
+        self._tasks.append(asyncio.create_task(self._poll_health(), name="health"))
+
+    async def aclose(self) -> None:
+        """Stop the lanes and the poller; requests still waiting fail with 503."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)  # all cancelled on purpose
+        self._tasks.clear()
+        for lane in self.lanes.values():
+            for job in lane.take_pending():
+                job.run.fail(NoNodeAvailable("sdproxy is shutting down"))
+
+    def healthy_clients(self) -> list[NodeClient]:
+        return [client for client in self.clients if client.stats.healthy]
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        """Render ``request`` on the healthy nodes and merge the answers into one."""
+        seeds = resolve_seeds(request, self._rng)
+        run = Run(request, seeds, remaining=request.total_images)
+        healthy = self.healthy_clients()
+        if not healthy:
+            raise NoNodeAvailable("no healthy node: every node is down or unreachable")
+        if request.splittable:
+            shares = plan_split(request.units, self._capacities(healthy))
+            self._queue(run, shares)
+        else:
+            node = min(healthy, key=lambda c: self.lanes[c.name].queued_images / _weight(c))
+            full = Chunk(0, request.batch_size, request.n_iter)
+            self.lanes[node.name].submit(Job(run, full, whole=True))
+        try:
+            async with asyncio.timeout(self.settings.scheduler.request_timeout_s):
+                await run.done.wait()
+        except TimeoutError:
+            run.fail(RequestTimeout("the request took longer than request_timeout_s"))
+        if run.error is not None:
+            raise run.error
+        if not request.splittable:
+            return GenerationResult(run.whole, [])
+        merged = merge_parts(request, seeds, run.parts)
+        if merged.grid_wanted:
+            merged = await self._add_grid(merged, request)
+        return GenerationResult(merged.to_json_dict(), merged.shares)
+
+    def failover(self, lane: Lane, failed: Job, error: NodeError) -> None:
+        """Plan a failed job, and every job waiting behind it, onto the healthy nodes."""
+        failed.run.failures[error.node] = error.reason
+        for job in [failed, *lane.take_pending()]:
+            run = job.run
+            if run.finished:
+                continue
+            if job is failed:
+                run.redispatches += 1
+            healthy = self.healthy_clients()
+            if job.whole and healthy:
+                self.lanes[healthy[0].name].submit(job)
+            elif run.redispatches > self.settings.scheduler.max_redispatches or not healthy:
+                why = "no healthy node left" if not healthy else "too many failed attempts"
+                run.fail(GenerationFailed(f"generation failed: {why}", failures=dict(run.failures)))
+            else:
+                unit = run.request.unit_size
+                shares = plan_split(
+                    job.chunk.images // unit, self._capacities(healthy), job.chunk.start // unit
+                )
+                self._queue(run, shares)
+
+    def _queue(self, run: Run, shares: Iterable[Share]) -> None:
+        for share in shares:
+            for chunk in self._chunks(run.request, share):
+                self.lanes[share.node].submit(Job(run, chunk))
+
+    def _chunks(self, request: GenerationRequest, share: Share) -> list[Chunk]:
+        """Cut a share of units into node requests.
+
+        Single images go in batches no larger than the client's batch_size (what the client
+        knows fits in VRAM) nor the node's max_batch_size; whole batches go as one request.
+        """
+        if request.split_by_iteration:
+            size = request.unit_size
+            return [Chunk(share.start * size, size, share.count)]
+        limit = request.batch_size
+        node_limit = self.lanes[share.node].client.settings.max_batch_size
+        if node_limit is not None:
+            limit = min(limit, node_limit)
+        return chunk_share(share, limit)
+
+    def _capacities(self, clients: list[NodeClient]) -> list[NodeCapacity]:
+        return [NodeCapacity(client.name, _weight(client)) for client in clients]
+
+    async def _add_grid(self, merged: Merged, request: GenerationRequest) -> Merged:
+        if not request.send_images:
+            return with_grid(merged, None)
+        infotexts = merged.info.get("infotexts") or [None]
+        rendered = merged.images[: request.total_images]  # not the extra images after them
+        grid = await asyncio.to_thread(images.build_grid, rendered, infotexts[0])
+        return with_grid(merged, grid)
+
+    async def _poll_health(self) -> None:
+        interval = self.settings.scheduler.health_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            await probe_all(self.clients, self.settings.scheduler.health_timeout_s)
+
+
+def _weight(client: NodeClient) -> float:
+    return client.settings.weight
