@@ -1,0 +1,197 @@
+"""The ``sdproxy`` command: serve, fake-node, demo; named exit codes, no traceback on bad input."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from sdproxy import __version__
+from sdproxy.app import create_app
+from sdproxy.config import Settings, load_settings
+from sdproxy.errors import ConfigError
+from sdproxy.fakewebui import FakeNode, FakeNodeSettings, create_fake_app
+
+EXIT_OK = 0
+EXIT_CONFIG = 2  # bad configuration or arguments, like argparse's own usage errors
+EXIT_RUNTIME = 1  # could not start, e.g. the port is taken
+
+log = logging.getLogger("sdproxy")
+
+DEMO_NODES = (("fast", 0.15), ("medium", 0.3), ("slow", 0.6))  # (name, seconds per image)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdproxy", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"sdproxy {__version__}")
+    parser.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the proxy")
+    serve.add_argument("--config", type=Path, required=True, help="TOML configuration file")
+
+    fake = commands.add_parser("fake-node", help="run one simulated webui node")
+    fake.add_argument("--host", default="127.0.0.1")
+    fake.add_argument("--port", type=int, required=True)
+    fake.add_argument("--name", default="fake")
+    fake.add_argument(
+        "--per-image-s", type=_non_negative, default=0.5, help="seconds an image, 20 steps, 512px"
+    )
+    fake.add_argument(
+        "--overhead-s", type=_non_negative, default=0.1, help="fixed seconds per request"
+    )
+    fake.add_argument(
+        "--models", type=_model_list, default=None, help="comma-separated checkpoint titles"
+    )
+    fake.add_argument("--api-auth", default=None, help="user:pass[,user2:pass2], like the webui")
+
+    demo = commands.add_parser("demo", help="run sdproxy in front of three simulated nodes")
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=7860)
+    return parser
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _model_list(text: str) -> tuple[str, ...]:
+    models = tuple(name.strip() for name in text.split(",") if name.strip())
+    if not models:
+        raise argparse.ArgumentTypeError("give at least one model title")
+    return models
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        if args.command == "serve":
+            asyncio.run(_serve(load_settings(args.config)))
+        elif args.command == "fake-node":
+            fake = FakeNodeSettings(
+                name=args.name,
+                per_image_s=args.per_image_s,
+                overhead_s=args.overhead_s,
+                api_auth=args.api_auth,
+            )
+            if args.models:
+                fake.models = args.models
+            asyncio.run(_fake_node(fake, args.host, args.port))
+        else:
+            asyncio.run(_demo(args.host, args.port))
+    except ConfigError as exc:
+        print(f"sdproxy: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except OSError as exc:
+        print(f"sdproxy: cannot start: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    return EXIT_OK
+
+
+async def wait_for_signal() -> None:
+    """Return on the first SIGINT or SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+async def start_site(app: web.Application, host: str, port: int) -> web.AppRunner:
+    """Serve ``app`` on host:port; the caller owns the runner's cleanup()."""
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=30.0)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError:
+        await runner.cleanup()
+        raise
+    return runner
+
+
+async def _serve(settings: Settings) -> None:
+    runner = await start_site(create_app(settings), settings.server.host, settings.server.port)
+    log.info(
+        "sdproxy %s listening on http://%s:%d with %d nodes",
+        __version__,
+        settings.server.host,
+        settings.server.port,
+        len(settings.nodes),
+    )
+    try:
+        await wait_for_signal()
+    finally:
+        await runner.cleanup()
+
+
+async def _fake_node(fake: FakeNodeSettings, host: str, port: int) -> None:
+    runner = await start_site(create_fake_app(FakeNode(fake)), host, port)
+    log.info("fake webui node %r listening on http://%s:%d", fake.name, host, port)
+    try:
+        await wait_for_signal()
+    finally:
+        await runner.cleanup()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` right now."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def _demo(host: str, port: int) -> None:
+    runners: list[web.AppRunner] = []
+    nodes: list[dict[str, Any]] = []
+    try:
+        for name, per_image_s in DEMO_NODES:
+            fake = FakeNodeSettings(name=name, per_image_s=per_image_s, overhead_s=0.1)
+            node_port = free_port()
+            runners.append(
+                await start_site(create_fake_app(FakeNode(fake)), "127.0.0.1", node_port)
+            )
+            nodes.append(
+                {"name": name, "url": f"http://127.0.0.1:{node_port}", "weight": 1 / per_image_s}
+            )
+        settings = Settings.model_validate({"server": {"host": host, "port": port}, "nodes": nodes})
+        runners.append(await start_site(create_app(settings), host, port))
+        url = f"http://{host}:{port}"
+        print(DEMO_BANNER.format(url=url, nodes=", ".join(n["name"] for n in nodes)), flush=True)
+        await wait_for_signal()
+    finally:
+        for runner in reversed(runners):
+            await runner.cleanup()
+
+
+DEMO_BANNER = """\
+sdproxy demo: {url} in front of three simulated webui nodes ({nodes}).
+Try:
+  curl -s {url}/sdapi/v1/txt2img -H 'Content-Type: application/json' \\
+    -d '{{"prompt": "a lighthouse at dusk", "batch_size": 6, "steps": 20}}' \\
+    -D - -o /dev/null
+  curl -s {url}/cluster/status
+Ctrl-C stops everything."""
