@@ -7,7 +7,8 @@
     ├── ClientError                 the client's request is at fault (4xx)
     │   ├── RequestValidationError  422, FastAPI's validation body
     │   ├── BodyTooLarge            413
-    │   └── NotFound                404
+    │   ├── NotFound                404
+    │   └── QueueFull               429: too many images already queued; Retry-After
     ├── NoNodeAvailable             503: no healthy node can take the work
     ├── RequestTimeout              504: the request's overall deadline passed
     ├── GenerationFailed            502: shares failed and no node could take them over
@@ -76,6 +77,19 @@ class NotFound(ClientError):
 
     def body(self) -> dict[str, Any]:
         return webui_error_body("HTTPException", detail=str(self))
+
+
+class QueueFull(ClientError):
+    """The cluster's queue holds as many images as it is configured to; try again later."""
+
+    status = 429
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
 
 
 class NoNodeAvailable(SdproxyError):

@@ -1,17 +1,24 @@
 """Runs generation requests on the cluster: one queue per node, dispatch, failover, merge.
 
 A webui renders one job at a time, so each node has a lane: a FIFO of jobs (one HTTP request
-each) run one after the other by the lane's task. A request is planned into shares, each share
-cut into jobs, and the jobs queued on their nodes' lanes. When a job fails on a node, the node
-is marked down and the job, with every job still waiting on that lane, is planned again onto
-the healthy nodes: seeds were fixed up front, so any image renders the same anywhere.
+each) run one after the other by the lane's task. A request is planned into shares that end it
+as early as each node's speed model and backlog (predicted seconds of work queued or running on
+it) allow, each share cut into jobs, and the jobs queued on their nodes' lanes, first come
+first served. Every finished job teaches its node's model. When a lane runs dry while jobs of a
+request still wait on another lane, the idle node takes over the part of the waiting work it
+finishes earlier (work stealing). When a job fails on a node, the node is marked down and the
+job, with every job still waiting on that lane, is planned again onto the healthy nodes: seeds
+were fixed up front, so any image renders the same anywhere.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import math
 import random
+import statistics
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -27,13 +34,15 @@ from sdproxy.errors import (
     NodeError,
     NodeRejected,
     NoNodeAvailable,
+    QueueFull,
     RequestTimeout,
     SdproxyError,
 )
 from sdproxy.merge import BadNodeResult, Merged, Part, merge_parts, read_part, with_grid
 from sdproxy.nodes import NodeClient, probe_all
-from sdproxy.planner import Chunk, NodeCapacity, Share, chunk_share, plan_split
+from sdproxy.planner import Chunk, NodeLoad, Share, chunk_share, plan_makespan
 from sdproxy.request import GenerationRequest, Seeds, node_body, resolve_seeds
+from sdproxy.speed import NOMINAL_PER_UNIT_S, SpeedEstimate, SpeedModel, work_per_image
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +68,7 @@ class Run:
     failures: dict[str, str] = field(default_factory=dict)
     error: SdproxyError | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    work_per_image: float = 1.0
 
     @property
     def finished(self) -> bool:
@@ -91,6 +101,11 @@ class Job:
     chunk: Chunk
     whole: bool = False
 
+    @property
+    def work(self) -> float:
+        """Units of work (images of 20 steps at 512x512) the job renders."""
+        return self.chunk.images * self.run.work_per_image
+
 
 class Lane:
     """One node's queue of jobs, run one at a time like the webui's own queue lock."""
@@ -99,8 +114,20 @@ class Lane:
         self.client = client
         self.pending: deque[Job] = deque()
         self.current: Job | None = None
+        self.started_at = 0.0  # loop time the current job started
+        self.model = SpeedModel(client.settings.weight)
+        # Held while a job runs; a benchmark takes it between jobs, never during one.
+        self.turn = asyncio.Lock()
         self._cluster = cluster
         self._wake = asyncio.Event()
+
+    @property
+    def name(self) -> str:
+        return self.client.name
+
+    @property
+    def idle(self) -> bool:
+        return self.current is None and not self.pending
 
     def submit(self, job: Job) -> None:
         self.pending.append(job)
@@ -118,19 +145,40 @@ class Lane:
         jobs = [*self.pending, *([self.current] if self.current else [])]
         return sum(job.chunk.images for job in jobs if not job.run.finished)
 
+    def backlog_s(self, now: float) -> float:
+        """Predicted seconds until this node has finished everything queued on it."""
+        cluster = self._cluster
+        total = 0.0
+        if self.current is not None and not self.current.run.finished:
+            predicted = cluster.predict_s(self, self.current.work)
+            total += max(predicted - (now - self.started_at), 0.0)
+        for job in self.pending:
+            if not job.run.finished:
+                total += cluster.predict_s(self, job.work)
+        return total
+
     async def run_forever(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             while not self.pending:
                 self._wake.clear()
-                await self._wake.wait()
+                if self._cluster.rebalance():
+                    continue
+                # Idle: look again now and then, in case work elsewhere runs late.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._cluster.steal_interval_s):
+                        await self._wake.wait()
             job = self.pending.popleft()
             if job.run.finished:
                 continue
-            self.current = job
-            try:
-                await self._execute(job)
-            finally:
-                self.current = None
+            async with self.turn:
+                self.current = job
+                self.started_at = loop.time()
+                try:
+                    await self._execute(job)
+                finally:
+                    self.current = None
+            self._cluster.rebalance()
 
     async def _execute(self, job: Job) -> None:
         run, chunk, client = job.run, job.chunk, self.client
@@ -140,8 +188,11 @@ class Lane:
         else:
             body = node_body(request, run.seeds, chunk.start, chunk.batch_size, chunk.n_iter)
         timeout_s = self._cluster.settings.scheduler.share_timeout_s
+        loop = asyncio.get_running_loop()
         try:
+            started = loop.time()
             response = await client.generate(request.kind, body, timeout_s)
+            self.model.observe(job.work, loop.time() - started)
             if job.whole:
                 run.complete_whole(response)
                 client.record_success()
@@ -167,6 +218,8 @@ class Lane:
 
 class Cluster:
     """Every node behind sdproxy, their lanes, and the requests running on them."""
+
+    steal_interval_s = 0.5  # how often an idle lane looks for late work elsewhere
 
     def __init__(
         self,
@@ -200,20 +253,59 @@ class Cluster:
     def healthy_clients(self) -> list[NodeClient]:
         return [client for client in self.clients if client.stats.healthy]
 
+    # --- speed -----------------------------------------------------------------------------
+
+    def estimate(self, lane: Lane) -> SpeedEstimate:
+        """The lane's speed; an unmeasured node is scaled like the measured ones, by weight."""
+        return lane.model.estimate(self._nominal_per_unit_s())
+
+    def predict_s(self, lane: Lane, work: float, requests: int = 1) -> float:
+        return self.estimate(lane).predict_s(work, requests)
+
+    def predict_job_s(self, node: str, request: GenerationRequest, images: int) -> float | None:
+        """Predicted seconds for ``node`` to render ``images`` of ``request``, from now.
+
+        None while nothing was measured on the node (neither benchmark nor finished job).
+        """
+        lane = self.lanes.get(node)
+        if lane is None or not lane.model.measured or images <= 0:
+            return None
+        unit = request.unit_size
+        limit = self._batch_limit(lane, request)
+        requests = (
+            1 if limit is None else max(1, len(chunk_share(Share(node, 0, images // unit), limit)))
+        )
+        return lane.model.estimate().predict_s(images * work_per_image(request), requests)
+
+    def _nominal_per_unit_s(self) -> float:
+        """Seconds per unit at weight 1, as the measured nodes show it (or a nominal guess)."""
+        measured = [
+            lane.model.estimate().per_unit_s * lane.model.weight
+            for lane in self.lanes.values()
+            if lane.model.measured
+        ]
+        return statistics.median(measured) if measured else NOMINAL_PER_UNIT_S
+
+    # --- requests --------------------------------------------------------------------------
+
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         """Render ``request`` on the healthy nodes and merge the answers into one."""
-        seeds = resolve_seeds(request, self._rng)
-        run = Run(request, seeds, remaining=request.total_images)
         healthy = self.healthy_clients()
         if not healthy:
             raise NoNodeAvailable("no healthy node: every node is down or unreachable")
+        self._check_queue(request, healthy)
+        seeds = resolve_seeds(request, self._rng)
+        run = Run(
+            request,
+            seeds,
+            remaining=request.total_images,
+            work_per_image=work_per_image(request),
+        )
         if request.splittable:
-            shares = plan_split(request.units, self._capacities(healthy))
-            self._queue(run, shares)
+            self._queue(run, self._plan(run, request.units, 0, healthy))
         else:
-            node = min(healthy, key=lambda c: self.lanes[c.name].queued_images / _weight(c))
-            full = Chunk(0, request.batch_size, request.n_iter)
-            self.lanes[node.name].submit(Job(run, full, whole=True))
+            job = Job(run, Chunk(0, request.batch_size, request.n_iter), whole=True)
+            self._whole_lane(job, healthy).submit(job)
         try:
             async with asyncio.timeout(self.settings.scheduler.request_timeout_s):
                 await run.done.wait()
@@ -228,6 +320,74 @@ class Cluster:
             merged = await self._add_grid(merged, request)
         return GenerationResult(merged.to_json_dict(), merged.shares)
 
+    def queued_images(self) -> int:
+        return sum(lane.queued_images for lane in self.lanes.values())
+
+    def _check_queue(self, request: GenerationRequest, healthy: list[NodeClient]) -> None:
+        """429 when this request would take the queue past max_queued_images."""
+        limit = self.settings.scheduler.max_queued_images
+        queued = self.queued_images()
+        if queued and queued + request.total_images > limit:
+            now = asyncio.get_running_loop().time()
+            soonest = min(self.lanes[c.name].backlog_s(now) for c in healthy)
+            retry_after = min(max(math.ceil(soonest), 1), 600)
+            raise QueueFull(
+                f"{queued} images are queued; sdproxy takes at most {limit} "
+                f"(scheduler.max_queued_images)",
+                retry_after_s=retry_after,
+            )
+
+    def _whole_lane(self, job: Job, healthy: list[NodeClient]) -> Lane:
+        """The lane that would finish an unsplit job first."""
+        now = asyncio.get_running_loop().time()
+        lanes = [self.lanes[c.name] for c in healthy]
+        return min(lanes, key=lambda lane: lane.backlog_s(now) + self.predict_s(lane, job.work))
+
+    def _plan(self, run: Run, units: int, start: int, healthy: list[NodeClient]) -> list[Share]:
+        """Shares of ``units`` from ``start`` that end earliest given every node's backlog."""
+        request = run.request
+        now = asyncio.get_running_loop().time()
+        unit_work = run.work_per_image * request.unit_size
+        loads = []
+        for client in healthy:
+            lane = self.lanes[client.name]
+            limit = self._batch_limit(lane, request)
+            if limit == 0:
+                continue
+            estimate = self.estimate(lane)
+            loads.append(
+                NodeLoad(
+                    client.name,
+                    overhead_s=estimate.overhead_s,
+                    per_unit_s=estimate.per_unit_s * unit_work,
+                    backlog_s=lane.backlog_s(now),
+                    batch_limit=limit,
+                )
+            )
+        if not loads:
+            raise NoNodeAvailable(
+                f"no healthy node takes {request.width}x{request.height} images "
+                "within its max_pixels"
+            )
+        return plan_makespan(units, loads, start)
+
+    def _batch_limit(self, lane: Lane, request: GenerationRequest) -> int | None:
+        """Units one node request of ``lane`` may carry: None for whole-batch units, 0 for none.
+
+        Single images go in batches no larger than the client's batch_size (what the client
+        knows fits in VRAM), the node's max_batch_size, nor its max_pixels.
+        """
+        if request.split_by_iteration:
+            return None
+        node = lane.client.settings
+        limit = request.batch_size
+        if node.max_batch_size is not None:
+            limit = min(limit, node.max_batch_size)
+        if node.max_pixels is not None:
+            pixels = max(request.width * request.height, request.hr_width * request.hr_height)
+            limit = min(limit, node.max_pixels // pixels)
+        return limit
+
     def failover(self, lane: Lane, failed: Job, error: NodeError) -> None:
         """Plan a failed job, and every job waiting behind it, onto the healthy nodes."""
         failed.run.failures[error.node] = error.reason
@@ -239,16 +399,20 @@ class Cluster:
                 run.redispatches += 1
             healthy = self.healthy_clients()
             if job.whole and healthy:
-                self.lanes[healthy[0].name].submit(job)
+                self._whole_lane(job, healthy).submit(job)
             elif run.redispatches > self.settings.scheduler.max_redispatches or not healthy:
                 why = "no healthy node left" if not healthy else "too many failed attempts"
                 run.fail(GenerationFailed(f"generation failed: {why}", failures=dict(run.failures)))
             else:
                 unit = run.request.unit_size
-                shares = plan_split(
-                    job.chunk.images // unit, self._capacities(healthy), job.chunk.start // unit
-                )
-                self._queue(run, shares)
+                try:
+                    shares = self._plan(
+                        run, job.chunk.images // unit, job.chunk.start // unit, healthy
+                    )
+                except NoNodeAvailable as exc:
+                    run.fail(exc)
+                else:
+                    self._queue(run, shares)
 
     def _queue(self, run: Run, shares: Iterable[Share]) -> None:
         for share in shares:
@@ -256,22 +420,97 @@ class Cluster:
                 self.lanes[share.node].submit(Job(run, chunk))
 
     def _chunks(self, request: GenerationRequest, share: Share) -> list[Chunk]:
-        """Cut a share of units into node requests.
-
-        Single images go in batches no larger than the client's batch_size (what the client
-        knows fits in VRAM) nor the node's max_batch_size; whole batches go as one request.
-        """
+        """Cut a share of units into node requests: whole batches go as one request."""
         if request.split_by_iteration:
             size = request.unit_size
             return [Chunk(share.start * size, size, share.count)]
-        limit = request.batch_size
-        node_limit = self.lanes[share.node].client.settings.max_batch_size
-        if node_limit is not None:
-            limit = min(limit, node_limit)
-        return chunk_share(share, limit)
+        limit = self._batch_limit(self.lanes[share.node], request)
+        return chunk_share(share, max(limit or 1, 1))
 
-    def _capacities(self, clients: list[NodeClient]) -> list[NodeCapacity]:
-        return [NodeCapacity(client.name, _weight(client)) for client in clients]
+    # --- work stealing ---------------------------------------------------------------------
+
+    def rebalance(self) -> bool:
+        """Let idle healthy lanes take over waiting work they finish earlier; True if any did."""
+        moved = False
+        for lane in self.lanes.values():
+            if lane.idle and lane.client.stats.healthy:
+                moved = self._steal_for(lane) or moved
+        return moved
+
+    def _steal_for(self, idle: Lane) -> bool:
+        """Move the part of one waiting job that ``idle`` finishes earliest, if that helps."""
+        now = asyncio.get_running_loop().time()
+        best: tuple[float, Lane, Job, int] | None = None
+        for donor in self.lanes.values():
+            if donor is idle or not donor.pending:
+                continue
+            ahead = donor.backlog_s(now) - sum(
+                self.predict_s(donor, j.work) for j in donor.pending if not j.run.finished
+            )
+            for job in donor.pending:
+                if job.run.finished:
+                    continue
+                own = self._job_time_s(donor, job, job.chunk.images // job.run.request.unit_size)
+                if not job.whole:
+                    gain, units = self._best_steal(idle, donor, job, ahead)
+                    if units and (best is None or gain > best[0]):
+                        best = gain, donor, job, units
+                ahead += own
+        if best is None or best[0] <= 1e-3:
+            return False
+        _, donor, job, units = best
+        self._move(donor, idle, job, units)
+        return True
+
+    def _job_time_s(self, lane: Lane, job: Job, units: int) -> float:
+        """Predicted seconds for ``lane`` to render ``units`` of ``job``'s request."""
+        if units <= 0:
+            return 0.0
+        request = job.run.request
+        limit = self._batch_limit(lane, request)
+        requests = (
+            1 if limit is None else len(chunk_share(Share(lane.name, 0, units), max(limit, 1)))
+        )
+        work = units * request.unit_size * job.run.work_per_image
+        return self.predict_s(lane, work, requests)
+
+    def _best_steal(self, idle: Lane, donor: Lane, job: Job, ahead_s: float) -> tuple[float, int]:
+        """(seconds saved, units to move) for the best split of ``job`` between the lanes."""
+        request = job.run.request
+        if self._batch_limit(idle, request) == 0:
+            return 0.0, 0
+        units = job.chunk.images // request.unit_size
+        now_done = ahead_s + self._job_time_s(donor, job, units)
+        best_gain, best_units = 0.0, 0
+        for moved in range(1, units + 1):
+            done = max(
+                ahead_s + self._job_time_s(donor, job, units - moved) if moved < units else 0.0,
+                self._job_time_s(idle, job, moved),
+            )
+            if now_done - done > best_gain:
+                best_gain, best_units = now_done - done, moved
+        return best_gain, best_units
+
+    def _move(self, donor: Lane, idle: Lane, job: Job, units: int) -> None:
+        """Split ``job``: its last ``units`` go to ``idle``, the rest stays where it was."""
+        run, unit = job.run, job.run.request.unit_size
+        first = job.chunk.start // unit
+        total = job.chunk.images // unit
+        kept = total - units
+        at = donor.pending.index(job)
+        del donor.pending[at]
+        if kept:
+            for chunk in reversed(self._chunks(run.request, Share(donor.name, first, kept))):
+                donor.pending.insert(at, Job(run, chunk))
+        log.info(
+            "node %s takes images %d-%d over from node %s",
+            idle.name,
+            (first + kept) * unit,
+            (first + total) * unit - 1,
+            donor.name,
+        )
+        for chunk in self._chunks(run.request, Share(idle.name, first + kept, units)):
+            idle.submit(Job(run, chunk))
 
     async def _add_grid(self, merged: Merged, request: GenerationRequest) -> Merged:
         if not request.send_images:
@@ -286,7 +525,3 @@ class Cluster:
         while True:
             await asyncio.sleep(interval)
             await probe_all(self.clients, self.settings.scheduler.health_timeout_s)
-
-
-def _weight(client: NodeClient) -> float:
-    return client.settings.weight
