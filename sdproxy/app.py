@@ -10,7 +10,8 @@ import orjson
 from aiohttp import web
 
 from sdproxy import __version__, routes
-from sdproxy.appkeys import cluster_key, session_key, settings_key
+from sdproxy.appkeys import benchmarker_key, cluster_key, session_key, settings_key
+from sdproxy.benchmark import Benchmarker
 from sdproxy.config import Settings
 from sdproxy.errors import SdproxyError, webui_error_body
 from sdproxy.routes import json_response
@@ -64,6 +65,21 @@ async def _cluster(app: web.Application) -> AsyncIterator[None]:
         await cluster.aclose()
 
 
+async def _benchmarks(app: web.Application) -> AsyncIterator[None]:
+    # Registered after the cluster, so it stops first: no benchmark outlives the lanes.
+    settings = app[settings_key].benchmark
+    benchmarker = Benchmarker(app[cluster_key], settings)
+    missing = await benchmarker.load()
+    if settings.on_start and missing:
+        log.info("benchmarking nodes with no stored result: %s", ", ".join(missing))
+        benchmarker.start(missing)
+    app[benchmarker_key] = benchmarker
+    try:
+        yield
+    finally:
+        await benchmarker.aclose()
+
+
 def create_app(settings: Settings) -> web.Application:
     """The sdproxy application for ``settings``; resources open when it starts."""
     app = web.Application(
@@ -73,6 +89,7 @@ def create_app(settings: Settings) -> web.Application:
     app[settings_key] = settings
     app.cleanup_ctx.append(_client_session)
     app.cleanup_ctx.append(_cluster)
+    app.cleanup_ctx.append(_benchmarks)
     routes.add_routes(app)
     log.debug("sdproxy %s app created for %d nodes", __version__, len(settings.nodes))
     return app

@@ -5,9 +5,11 @@ from __future__ import annotations
 import aiohttp
 from aiohttp import web
 
+from sdproxy.benchmark import Benchmarker
 from sdproxy.config import Settings
 from sdproxy.scheduler import Cluster
 
 settings_key = web.AppKey("settings", Settings)
 session_key = web.AppKey("session", aiohttp.ClientSession)
 cluster_key = web.AppKey("cluster", Cluster)
+benchmarker_key = web.AppKey("benchmarker", Benchmarker)

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import orjson
 from aiohttp import web
 
 from sdproxy import __version__
-from sdproxy.appkeys import cluster_key, settings_key
-from sdproxy.errors import RequestValidationError, validation_error
+from sdproxy.appkeys import benchmarker_key, cluster_key, settings_key
+from sdproxy.errors import NotFound, RequestValidationError, validation_error
 from sdproxy.request import Kind, parse_generation
 
 SHARES_HEADER = "X-Sdproxy-Shares"
@@ -73,9 +74,14 @@ async def img2img(request: web.Request) -> web.Response:
 
 async def cluster_status(request: web.Request) -> web.Response:
     cluster = request.app[cluster_key]
+    benchmarker = request.app[benchmarker_key]
+    now = asyncio.get_running_loop().time()
     nodes = []
     for client in cluster.clients:
         stats = client.stats
+        lane = cluster.lanes[client.name]
+        estimate = cluster.estimate(lane)
+        result = benchmarker.results.get(client.name)
         nodes.append(
             {
                 "name": client.name,
@@ -89,12 +95,48 @@ async def cluster_status(request: web.Request) -> web.Response:
                 "consecutive_failures": stats.consecutive_failures,
                 "last_error": stats.last_error,
                 "last_error_at": stats.last_error_at,
+                "backlog_s": round(lane.backlog_s(now), 3),
+                "speed": {
+                    "source": estimate.source,
+                    "overhead_s": round(estimate.overhead_s, 4),
+                    "per_image_s": round(estimate.per_unit_s, 4),  # 20 steps at 512x512
+                    "samples": estimate.samples,
+                },
+                "benchmark": {
+                    "running": client.name in benchmarker.running,
+                    "measured_at": result.measured_at if result else None,
+                    "checkpoint": result.checkpoint if result else None,
+                    "overhead_s": round(result.overhead_s, 4) if result else None,
+                    "per_image_s": round(result.per_image_s, 4) if result else None,
+                    "error": benchmarker.errors.get(client.name),
+                },
             }
         )
-    return json_response({"version": __version__, "nodes": nodes})
+    return json_response(
+        {
+            "version": __version__,
+            "queued_images": cluster.queued_images(),
+            "max_queued_images": cluster.settings.scheduler.max_queued_images,
+            "nodes": nodes,
+        }
+    )
+
+
+async def cluster_benchmark(request: web.Request) -> web.Response:
+    """Re-run the benchmark of every node, or of ``?node=NAME``, in the background: 202."""
+    cluster = request.app[cluster_key]
+    wanted = request.query.get("node")
+    if wanted is not None and wanted not in cluster.lanes:
+        raise NotFound(f"no node named {wanted!r}")
+    names = [wanted] if wanted is not None else list(cluster.lanes)
+    benchmarker = request.app[benchmarker_key]
+    started = benchmarker.start(names)
+    running = sorted(benchmarker.running)
+    return json_response({"started": started, "running": running}, status=202)
 
 
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/sdapi/v1/txt2img", txt2img)
     app.router.add_post("/sdapi/v1/img2img", img2img)
     app.router.add_get("/cluster/status", cluster_status)
+    app.router.add_post("/cluster/benchmark", cluster_benchmark)
