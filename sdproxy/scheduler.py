@@ -168,10 +168,12 @@ class Lane:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self._cluster.steal_interval_s):
                         await self._wake.wait()
-            job = self.pending.popleft()
-            if job.run.finished:
-                continue
-            async with self.turn:
+            async with self.turn:  # a benchmark run may hold it: the job stays visible meanwhile
+                if not self.pending:
+                    continue  # taken over by another lane while the benchmark ran
+                job = self.pending.popleft()
+                if job.run.finished:
+                    continue
                 self.current = job
                 self.started_at = loop.time()
                 try:
@@ -263,9 +265,11 @@ class Cluster:
         return self.estimate(lane).predict_s(work, requests)
 
     def predict_job_s(self, node: str, request: GenerationRequest, images: int) -> float | None:
-        """Predicted seconds for ``node`` to render ``images`` of ``request``, from now.
+        """Predicted seconds ``node`` takes to render ``images`` of ``request``.
 
-        None while nothing was measured on the node (neither benchmark nor finished job).
+        The share's own running time (as the one or two node requests it is cut into), not the
+        wait for the work queued before it. None while nothing was measured on the node
+        (neither a benchmark nor a finished job): then only the configured weight is known.
         """
         lane = self.lanes.get(node)
         if lane is None or not lane.model.measured or images <= 0:
