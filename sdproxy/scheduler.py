@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 
 from sdproxy import images
+from sdproxy.checkpoints import ModelCatalog
 from sdproxy.config import Settings
 from sdproxy.errors import (
     GenerationFailed,
@@ -59,16 +60,23 @@ class Run:
     failures: dict[str, str] = field(default_factory=dict)
     error: SdproxyError | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    # Interrupted by the client: short answers are the images finished so far, not failures.
+    interrupted: bool = False
 
     @property
     def finished(self) -> bool:
         return self.done.is_set()
 
-    def add(self, part: Part) -> None:
+    def add(self, part: Part, covered: int) -> None:
+        """A node's answer for ``covered`` images (``part`` may hold fewer when interrupted)."""
         if self.finished:
             return
         self.parts.append(part)
-        self.remaining -= part.count
+        self.drop(covered)
+
+    def drop(self, images: int) -> None:
+        """Stop waiting for ``images`` images (rendered, or given up after an interrupt)."""
+        self.remaining -= images
         if self.remaining <= 0:
             self.done.set()
 
@@ -148,7 +156,12 @@ class Lane:
                 return
             try:
                 part = read_part(
-                    client.name, chunk.start, chunk.images, response, request.send_images
+                    client.name,
+                    chunk.start,
+                    chunk.images,
+                    response,
+                    request.send_images,
+                    allow_short=run.interrupted,
                 )
             except BadNodeResult as exc:
                 raise NodeBadResponse(client.name, str(exc)) from exc
@@ -162,7 +175,7 @@ class Lane:
             self._cluster.failover(self, job, exc)
         else:
             client.record_success(part.count)
-            run.add(part)
+            run.add(part, chunk.images)
 
 
 class Cluster:
@@ -177,12 +190,16 @@ class Cluster:
         self.settings = settings
         self.clients = [NodeClient(session, node, settings.scheduler) for node in settings.nodes]
         self.lanes = {client.name: Lane(client, self) for client in self.clients}
+        self.models = ModelCatalog(self.clients, settings.api)
         self._rng = rng or random.SystemRandom()
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         """Probe every node once, then start the lanes and the health poller."""
         await probe_all(self.clients, self.settings.scheduler.health_timeout_s)
+        async with asyncio.TaskGroup() as group:
+            for client in self.healthy_clients():
+                group.create_task(self.models.sync(client))
         for lane in self.lanes.values():
             self._tasks.append(asyncio.create_task(lane.run_forever(), name=lane.client.name))
         self._tasks.append(asyncio.create_task(self._poll_health(), name="health"))
@@ -193,6 +210,7 @@ class Cluster:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)  # all cancelled on purpose
         self._tasks.clear()
+        await self.models.aclose()
         for lane in self.lanes.values():
             for job in lane.take_pending():
                 job.run.fail(NoNodeAvailable("sdproxy is shutting down"))
@@ -204,9 +222,7 @@ class Cluster:
         """Render ``request`` on the healthy nodes and merge the answers into one."""
         seeds = resolve_seeds(request, self._rng)
         run = Run(request, seeds, remaining=request.total_images)
-        healthy = self.healthy_clients()
-        if not healthy:
-            raise NoNodeAvailable("no healthy node: every node is down or unreachable")
+        healthy = await self._eligible(request)
         if request.splittable:
             shares = plan_split(request.units, self._capacities(healthy))
             self._queue(run, shares)
@@ -223,7 +239,10 @@ class Cluster:
             raise run.error
         if not request.splittable:
             return GenerationResult(run.whole, [])
-        merged = merge_parts(request, seeds, run.parts)
+        if not run.parts:  # interrupted, and the nodes it was on failed
+            why = "interrupted, and no node returned an image"
+            raise GenerationFailed(f"generation failed: {why}", failures=dict(run.failures))
+        merged = merge_parts(request, seeds, run.parts, partial=run.interrupted)
         if merged.grid_wanted:
             merged = await self._add_grid(merged, request)
         return GenerationResult(merged.to_json_dict(), merged.shares)
@@ -235,9 +254,15 @@ class Cluster:
             run = job.run
             if run.finished:
                 continue
+            if run.interrupted and not job.whole:  # the client wants what is done, not the rest
+                run.drop(job.chunk.images)
+                continue
             if job is failed:
                 run.redispatches += 1
-            healthy = self.healthy_clients()
+            try:
+                healthy = self.models.select(run.request, self.healthy_clients())
+            except SdproxyError:
+                healthy = []
             if job.whole and healthy:
                 self.lanes[healthy[0].name].submit(job)
             elif run.redispatches > self.settings.scheduler.max_redispatches or not healthy:
@@ -249,6 +274,42 @@ class Cluster:
                     job.chunk.images // unit, self._capacities(healthy), job.chunk.start // unit
                 )
                 self._queue(run, shares)
+
+    async def _eligible(self, request: GenerationRequest) -> list[NodeClient]:
+        """The healthy nodes that may render ``request`` (model-aware routing)."""
+        healthy = self.healthy_clients()
+        if healthy:
+            await self.models.prepare(request, healthy)
+            healthy = self.healthy_clients()
+        if not healthy:
+            raise NoNodeAvailable("no healthy node: every node is down or unreachable")
+        return self.models.select(request, healthy)
+
+    def running_jobs(self) -> list[tuple[Lane, Job]]:
+        """Every job a node is rendering right now for a request still in flight."""
+        return [
+            (lane, lane.current)
+            for lane in self.lanes.values()
+            if lane.current is not None and not lane.current.run.finished
+        ]
+
+    def interrupt_running(self) -> list[NodeClient]:
+        """Mark the running requests interrupted and drop their waiting jobs.
+
+        Returns the nodes to send the interrupt to. Requests only queued (not rendering
+        anywhere yet) go on, as requests waiting on a webui's queue lock do.
+        """
+        running = self.running_jobs()
+        runs = {job.run for _, job in running}
+        for run in runs:
+            run.interrupted = True
+        for lane in self.lanes.values():
+            kept = [job for job in lane.pending if job.run not in runs]
+            for job in lane.pending:
+                if job.run in runs:
+                    job.run.drop(job.chunk.images)
+            lane.pending = deque(kept)
+        return [lane.client for lane, _ in running]
 
     def _queue(self, run: Run, shares: Iterable[Share]) -> None:
         for share in shares:
@@ -277,7 +338,7 @@ class Cluster:
         if not request.send_images:
             return with_grid(merged, None)
         infotexts = merged.info.get("infotexts") or [None]
-        rendered = merged.images[: request.total_images]  # not the extra images after them
+        rendered = merged.images[: merged.rendered]  # not the extra images after them
         grid = await asyncio.to_thread(images.build_grid, rendered, infotexts[0])
         return with_grid(merged, grid)
 
@@ -286,6 +347,8 @@ class Cluster:
         while True:
             await asyncio.sleep(interval)
             await probe_all(self.clients, self.settings.scheduler.health_timeout_s)
+            # A node back after a failure gets the cluster's checkpoint before any work on it.
+            self.models.sync_stale(self.healthy_clients())
 
 
 def _weight(client: NodeClient) -> float:
