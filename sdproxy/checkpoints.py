@@ -68,6 +68,12 @@ class ModelCatalog:
         last_error_at = client.stats.last_error_at or 0.0
         return state.synced_at is not None and state.synced_at >= last_error_at
 
+    def on_cluster_checkpoint(self, client: NodeClient) -> bool:
+        """In sync and running the cluster's checkpoint (if one was set): its options are right."""
+        wanted = self.checkpoint
+        loaded = wanted is None or self._has_loaded(client, wanted, closest=False)
+        return loaded and self.in_sync(client)
+
     async def refresh(self, client: NodeClient) -> None:
         """Read the node's checkpoints and which one it has loaded."""
         timeout_s = self._settings.read_timeout_s

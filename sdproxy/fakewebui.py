@@ -11,6 +11,7 @@ import json
 import os
 import random
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -193,6 +194,7 @@ class FakeNode:
         self.state = ProgressState()
         self.queue_lock = asyncio.Lock()  # the webui's queue_lock: one job at a time
         self.rng = random.Random()
+        self.requests: Counter[str] = Counter()  # "POST /sdapi/v1/skip": calls received
         first = self.checkpoints()[0]
         self.options: dict[str, Any] = default_options(first, settings.version)
         self.loaded_title = first.title
@@ -745,6 +747,7 @@ def _check_auth(api_auth: str | None, header: str | None) -> None:
 def _handler(endpoint: Endpoint, *, body: bool, auth: bool) -> Handler:
     async def handle(request: web.Request) -> web.StreamResponse:
         node = request.app[_NODE_KEY]
+        node.requests[f"{request.method} {request.path}"] += 1
         # FastAPI decodes the JSON body before dependencies run, so bad JSON beats a 401.
         payload = None
         if body:

@@ -151,7 +151,7 @@ def one_node_get(path: str) -> Handler:
         clients = _healthy(request)
         if path == "options":  # a node on the cluster's checkpoint tells it right
             catalog = _cluster(request).models
-            clients.sort(key=lambda c: not catalog.in_sync(c))
+            clients.sort(key=lambda c: not catalog.on_cluster_checkpoint(c))
         params = dict(request.query)
         timeout_s = _read_timeout_s(request)
         answer = await first_answer(
