@@ -70,7 +70,7 @@ class TestWebuiapi:
 
 M1 = "m1.safetensors [1111111111]"
 M2 = "m2.safetensors [2222222222]"
-SLOW = 64.0  # seconds an image at 512px: about a second for a 64px image
+SLOW = 256.0  # seconds an image at 512px: about 4 s for a 64px image, 0.2 s a step
 
 
 async def wait_for(condition: Callable[[], bool], timeout_s: float = 20.0) -> None:

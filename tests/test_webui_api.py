@@ -22,8 +22,8 @@ from tests.support import RunningNode, fake_nodes, post_json, proxy
 SMALL = {"width": 64, "height": 64, "steps": 20}
 M1 = "m1.safetensors [1111111111]"
 M2 = "m2.safetensors [2222222222]"
-# 64x64 images at this speed take about a second each: long enough to act mid-generation.
-SLOW = 64.0
+# 64x64 images at this speed take about 4 s each (0.2 s a step): time to act mid-generation.
+SLOW = 256.0
 
 
 async def get_json(session: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
