@@ -164,6 +164,14 @@ def _operation(path: str, method: str, handler: Any) -> dict[str, Any]:
             "description": "Validation error",
             "content": {"application/json": {"schema": invalid}},
         }
+    if "/create/" in path or "/train/" in path:
+        operation["responses"] = {
+            "501": {
+                "description": "Refused: it would change one node's local files",
+                "content": {"application/json": {"schema": _ERROR}},
+            }
+        }
+        operation.pop("requestBody", None)
     if path == "/sdapi/v1/progress":
         operation["parameters"] = [
             {

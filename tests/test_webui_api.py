@@ -15,7 +15,7 @@ from openapi_spec_validator import validate
 
 from sdproxy.catalog import REDACTED
 from sdproxy.cli import start_site
-from sdproxy.fakewebui import FakeNode, FakeNodeSettings, create_fake_app
+from sdproxy.fakewebui import FakeNode, FakeNodeSettings, Fault, create_fake_app
 from sdproxy.progress import idle_progress
 from tests.support import RunningNode, fake_nodes, post_json, proxy
 
@@ -217,6 +217,24 @@ class TestCheckpointRouting:
             assert status == 404
             assert "'m3'" in answer["detail"]
         assert nodes[0].node.images_rendered == 0
+
+    async def test_failover_stays_on_nodes_with_the_checkpoint(self) -> None:
+        """A failed share is planned again only onto nodes that have the request's checkpoint."""
+        async with (
+            fake_nodes(
+                FakeNodeSettings(name="a", models=(M1, M2), fault=Fault("error500", times=1)),
+                FakeNodeSettings(name="b", models=(M1, M2)),
+                FakeNodeSettings(name="c", models=(M1,)),
+            ) as nodes,
+            proxy(nodes) as url,
+            aiohttp.ClientSession() as session,
+        ):
+            body = dict(SMALL, batch_size=6, seed=1, override_settings={"sd_model_checkpoint": M2})
+            status, answer, headers = await post_json(session, f"{url}/sdapi/v1/txt2img", body)
+        assert status == 200, answer
+        assert json.loads(answer["info"])["all_seeds"] == list(range(1, 7))
+        assert {share.split(":")[0] for share in headers["X-Sdproxy-Shares"].split(",")} == {"b"}
+        assert nodes[2].node.generations == 0
 
     async def test_cluster_checkpoint_set_and_pushed_to_a_returning_node(self) -> None:
         """POST options picks the checkpoint; a node that was down loads it before any work."""
