@@ -5,7 +5,7 @@ from __future__ import annotations
 import tomllib
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AnyHttpUrl,
@@ -34,6 +34,7 @@ class ServerSettings(_Section):
     port: Annotated[int, Field(ge=0, le=65535)] = 7860
     max_body_mb: Annotated[float, Field(gt=0)] = 64.0
     max_images_per_request: Annotated[int, Field(ge=1)] = 1000
+    log_format: Literal["text", "json"] = "text"
 
 
 class SchedulerSettings(_Section):
@@ -45,6 +46,16 @@ class SchedulerSettings(_Section):
     max_redispatches: Annotated[int, Field(ge=0)] = 3
     health_interval_s: Annotated[float, Field(gt=0)] = 5.0
     health_timeout_s: Annotated[float, Field(gt=0)] = 3.0
+
+
+class AutosaveSettings(_Section):
+    """Where every image returned to a client is also written as PNG ("" = off)."""
+
+    dir: str = ""
+
+    @property
+    def path(self) -> Path | None:
+        return Path(self.dir) if self.dir.strip() else None
 
 
 class NodeSettings(_Section):
@@ -82,6 +93,7 @@ class Settings(BaseSettings):
 
     server: ServerSettings = ServerSettings()
     scheduler: SchedulerSettings = SchedulerSettings()
+    autosave: AutosaveSettings = AutosaveSettings()
     nodes: Annotated[list[NodeSettings], Field(min_length=1)]
 
     @model_validator(mode="after")
