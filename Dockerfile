@@ -14,7 +14,8 @@ COPY sdproxy ./sdproxy
 RUN pip install --no-cache-dir . && rm -rf /src
 
 # A fixed non-root uid, so a mounted autosave folder can be chowned to it on the host.
-RUN useradd --system --uid 10001 --user-group --no-create-home --home-dir /nonexistent sdproxy
+RUN groupadd --system --gid 10001 sdproxy \
+    && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent sdproxy
 USER 10001:10001
 WORKDIR /
 

@@ -45,7 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the proxy")
-    serve.add_argument("--config", type=Path, required=True, help="TOML configuration file")
+    serve.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="TOML configuration file (without it: SDPROXY_* environment variables only)",
+    )
 
     fake = commands.add_parser("fake-node", help="run one simulated webui node")
     fake.add_argument("--host", default="127.0.0.1")
