@@ -14,8 +14,9 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from sdproxy.autosave import images_to_save
+from sdproxy.autosave import Autosaver, images_to_save
 from sdproxy.fakewebui import FakeNodeSettings
+from sdproxy.images import png_bytes
 from tests.support import fake_nodes, pixels, post_json, proxy, wait_until
 
 SMALL = {"width": 64, "height": 64, "steps": 20}
@@ -164,3 +165,39 @@ class TestAutosave:
 
 async def _errors_at_least(session: aiohttp.ClientSession, url: str, count: int) -> bool:
     return await autosave_errors(session, url) >= count
+
+
+class TestFullDisk:
+    """A full disk (the kernel's ENOSPC, from /dev/full) leaves no partial file and logs once."""
+
+    def test_full_disk_logs_once_and_recovers(
+        self,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        """Every write fails with ENOSPC: one warning, no files; a later save logs recovery."""
+        real_open = Path.open
+
+        def full_disk_open(self: Path, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+            if mode == "xb":  # the file is created, then writing it hits a full disk
+                real_open(self, "xb").close()
+                return real_open(Path("/dev/full"), "wb")
+            return real_open(self, mode, *args, **kwargs)
+
+        image = base64.b64encode(png_bytes(Image.new("RGB", (8, 8)), None)).decode()
+        body = response([image] * 3, {"all_seeds": [1, 2, 3], "infotexts": ["a", "b", "c"]})
+        todo = images_to_save(body, [("n", 0, 2)])
+        saver = Autosaver(tmp_path / "out")
+        caplog.set_level(logging.INFO, logger="sdproxy.autosave")
+        monkeypatch.setattr(Path, "open", full_disk_open)
+        saver._save_all(todo, "20261128-000000")
+        monkeypatch.undo()
+        assert everything_under(tmp_path / "out") == []
+        [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
+        assert "ENOSPC" in warning.getMessage()
+        saver._save_all(todo[:1], "20261128-000001")
+        assert [p.name for p in everything_under(tmp_path / "out")] == [
+            "20261128-000001-seed1-n.png"
+        ]
+        assert "works again" in caplog.records[-1].getMessage()
