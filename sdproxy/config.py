@@ -6,7 +6,7 @@ import re
 import tomllib
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AnyHttpUrl,
@@ -35,6 +35,7 @@ class ServerSettings(_Section):
     port: Annotated[int, Field(ge=0, le=65535)] = 7860
     max_body_mb: Annotated[float, Field(gt=0)] = 64.0
     max_images_per_request: Annotated[int, Field(ge=1)] = 1000
+    log_format: Literal["text", "json"] = "text"
 
 
 class SchedulerSettings(_Section):
@@ -48,7 +49,9 @@ class SchedulerSettings(_Section):
     health_timeout_s: Annotated[float, Field(gt=0)] = 3.0
 
 
-_RESERVED_PREFIXES = frozenset({"sdapi", "cluster", "internal", "openapi.json", "docs", "redoc"})
+_RESERVED_PREFIXES = frozenset(
+    {"sdapi", "cluster", "internal", "metrics", "openapi.json", "docs", "redoc"}
+)
 
 
 class ApiSettings(_Section):
@@ -67,6 +70,16 @@ class ApiSettings(_Section):
             if prefix in _RESERVED_PREFIXES:
                 raise ValueError(f"{prefix!r} is sdproxy's own path")
         return prefixes
+
+
+class AutosaveSettings(_Section):
+    """Where every image returned to a client is also written as PNG ("" = off)."""
+
+    dir: str = ""
+
+    @property
+    def path(self) -> Path | None:
+        return Path(self.dir) if self.dir.strip() else None
 
 
 class NodeSettings(_Section):
@@ -105,6 +118,7 @@ class Settings(BaseSettings):
     server: ServerSettings = ServerSettings()
     scheduler: SchedulerSettings = SchedulerSettings()
     api: ApiSettings = ApiSettings()
+    autosave: AutosaveSettings = AutosaveSettings()
     nodes: Annotated[list[NodeSettings], Field(min_length=1)]
 
     @model_validator(mode="after")

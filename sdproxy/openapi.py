@@ -133,6 +133,8 @@ _RESPONSES = {
     "/sdapi/v1/progress": "Progress",
     "/cluster/status": "ClusterStatus",
 }
+# Routes that answer something else than JSON (issue 7's dashboard and Prometheus metrics).
+_CONTENT_TYPES = {"/cluster": "text/html", "/metrics": "text/plain"}
 # POST routes that take no body (the webui's refresh-*, interrupt, ...).
 _NO_BODY = ("refresh-", "unload-", "reload-", "interrupt", "skip")
 
@@ -141,11 +143,14 @@ def _operation(path: str, method: str, handler: Any) -> dict[str, Any]:
     doc = inspect.getdoc(handler) or f"{method.upper()} {path}"
     schema = _RESPONSES.get(path)
     ok = {"$ref": f"#/components/schemas/{schema}"} if schema else _JSON
+    content_type = _CONTENT_TYPES.get(path, "application/json")
+    if content_type != "application/json":
+        ok = {"type": "string"}
     operation: dict[str, Any] = {
         "summary": doc.splitlines()[0],
         "operationId": f"{method}_{path.strip('/').replace('/', '_').replace('-', '_')}",
         "responses": {
-            "200": {"description": "Success", "content": {"application/json": {"schema": ok}}},
+            "200": {"description": "Success", "content": {content_type: {"schema": ok}}},
             "default": {
                 "description": "A webui-shaped error (502 node failed, 503 no node, 504 timeout)",
                 "content": {"application/json": {"schema": _ERROR}},

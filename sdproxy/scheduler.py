@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -31,7 +32,9 @@ from sdproxy.errors import (
     RequestTimeout,
     SdproxyError,
 )
+from sdproxy.logs import request_id_var
 from sdproxy.merge import BadNodeResult, Merged, Part, merge_parts, read_part, with_grid
+from sdproxy.metrics import Metrics
 from sdproxy.nodes import NodeClient, probe_all
 from sdproxy.planner import Chunk, NodeCapacity, Share, chunk_share, plan_split
 from sdproxy.request import GenerationRequest, Seeds, node_body, resolve_seeds
@@ -60,6 +63,8 @@ class Run:
     failures: dict[str, str] = field(default_factory=dict)
     error: SdproxyError | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    request_id: str | None = field(default_factory=request_id_var.get)
+    started_at: float = field(default_factory=time.time)  # Unix time, for the dashboard
     # Interrupted by the client: short answers are the images finished so far, not failures.
     interrupted: bool = False
 
@@ -148,11 +153,13 @@ class Lane:
         else:
             body = node_body(request, run.seeds, chunk.start, chunk.batch_size, chunk.n_iter)
         timeout_s = self._cluster.settings.scheduler.share_timeout_s
+        metrics, started = self._cluster.metrics, time.perf_counter()
         try:
             response = await client.generate(request.kind, body, timeout_s)
             if job.whole:
                 run.complete_whole(response)
                 client.record_success()
+                metrics.observe_job(client.name, "ok", time.perf_counter() - started)
                 return
             try:
                 part = read_part(
@@ -168,13 +175,16 @@ class Lane:
         except NodeRejected as exc:
             # The node is fine; the request is not. Every node would say the same.
             client.record_success()
+            metrics.observe_job(client.name, "rejected", time.perf_counter() - started)
             run.fail(exc)
         except NodeError as exc:
             log.warning("node %s failed images %s..: %s", client.name, chunk.start, exc.reason)
             client.record_failure(exc)
+            metrics.observe_job(client.name, "error", time.perf_counter() - started)
             self._cluster.failover(self, job, exc)
         else:
             client.record_success(part.count)
+            metrics.observe_job(client.name, "ok", time.perf_counter() - started, part.count)
             run.add(part, chunk.images)
 
 
@@ -186,8 +196,11 @@ class Cluster:
         settings: Settings,
         session: aiohttp.ClientSession,
         rng: random.Random | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.runs: set[Run] = set()  # requests in flight, for /cluster/status
         self.clients = [NodeClient(session, node, settings.scheduler) for node in settings.nodes]
         self.lanes = {client.name: Lane(client, self) for client in self.clients}
         self.models = ModelCatalog(self.clients, settings.api)
@@ -230,11 +243,14 @@ class Cluster:
             node = min(healthy, key=lambda c: self.lanes[c.name].queued_images / _weight(c))
             full = Chunk(0, request.batch_size, request.n_iter)
             self.lanes[node.name].submit(Job(run, full, whole=True))
+        self.runs.add(run)
         try:
             async with asyncio.timeout(self.settings.scheduler.request_timeout_s):
                 await run.done.wait()
         except TimeoutError:
             run.fail(RequestTimeout("the request took longer than request_timeout_s"))
+        finally:
+            self.runs.discard(run)
         if run.error is not None:
             raise run.error
         if not request.splittable:
@@ -250,6 +266,7 @@ class Cluster:
     def failover(self, lane: Lane, failed: Job, error: NodeError) -> None:
         """Plan a failed job, and every job waiting behind it, onto the healthy nodes."""
         failed.run.failures[error.node] = error.reason
+        self.metrics.observe_failover(error.node)
         for job in [failed, *lane.take_pending()]:
             run = job.run
             if run.finished:
