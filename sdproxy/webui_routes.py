@@ -361,4 +361,5 @@ def add_webui_routes(app: web.Application) -> None:
         router.add_post(f"/sdapi/v1/train/{kind}", not_supported)
     router.add_get("/internal/ping", ping, allow_head=False)
     for prefix in app[settings_key].api.extension_prefixes:
-        router.add_route("*", f"/{prefix}/{{tail:.*}}", extension)
+        for method in ("GET", "POST", "PUT", "PATCH", "DELETE"):  # not "*": a bounded set
+            router.add_route(method, f"/{prefix}/{{tail:.*}}", extension)

@@ -115,6 +115,9 @@ class TestWebuiapiCalls:
             assert memory["ram"]["total"] > 0
             flags = await asyncio.to_thread(api.get_cmd_flags)
             assert flags["gradio_auth"] == REDACTED
+            assert await asyncio.to_thread(api.controlnet_model_list) == [
+                "control_v11p_sd15_canny [d14c016b]"
+            ]
             assert await asyncio.to_thread(api.refresh_checkpoints) is None
             assert all(n.node.requests["POST /sdapi/v1/refresh-checkpoints"] == 1 for n in nodes)
             result = await asyncio.to_thread(
