@@ -109,6 +109,8 @@ class ModelCatalog:
             note_failure(client, exc)
             log.warning("node %s: could not sync checkpoints: %s", client.name, exc.reason)
             return
+        if self.checkpoint != wanted:
+            return  # changed meanwhile: the next poll syncs the node again
         self.nodes[client.name].synced_at = started
 
     def node_became_healthy(self, client: NodeClient) -> None:
