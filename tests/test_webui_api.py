@@ -119,6 +119,21 @@ class TestReads:
             status, ping = await get_json(session, f"{url}/internal/ping")
             assert (status, ping) == (200, {})
 
+    async def test_one_node_read_falls_back_when_a_node_is_gone(self) -> None:
+        """A node gone since the last health check: the next node answers, the gone one is down."""
+        async with AsyncExitStack() as stack:
+            a_stack = AsyncExitStack()
+            (a,) = await a_stack.enter_async_context(fake_nodes(FakeNodeSettings(name="a")))
+            (b,) = await stack.enter_async_context(fake_nodes(FakeNodeSettings(name="b")))
+            url = await stack.enter_async_context(proxy([a, b]))
+            session = await stack.enter_async_context(aiohttp.ClientSession())
+            await a_stack.aclose()
+            status, answer = await get_json(session, f"{url}/sdapi/v1/memory")
+            assert (status, answer["ram"]["total"]) == (200, 32 * 1024.0**3)
+            assert calls(b, "GET /sdapi/v1/memory") == 1
+            _, cluster = await get_json(session, f"{url}/cluster/status")
+            assert [n["healthy"] for n in cluster["nodes"]] == [False, True]
+
 
 class TestWrites:
     """Writes reach every healthy node; failures name the nodes."""
