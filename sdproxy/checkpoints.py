@@ -31,7 +31,7 @@ class NodeModels:
     """What sdproxy last read of one node's checkpoints."""
 
     entries: list[dict[str, Any]] | None = None  # GET sd-models; None until read
-    loaded: str | None = None  # title of the loaded checkpoint (GET options)
+    loaded: str | None = None  # title of its sd_model_checkpoint option: what it renders with
     synced_at: float | None = None  # Unix time the last complete sync started
 
 
@@ -58,7 +58,7 @@ class ModelCatalog:
             self.nodes[client.name].entries = [e for e in entries if isinstance(e, dict)]
 
     def record_loaded(self, client: NodeClient, name: str | None) -> None:
-        """The node now runs ``name`` (any alias), or nothing (unload-checkpoint)."""
+        """The node now renders with ``name`` (any alias)."""
         found = self.entry(client, name, closest=False) if name else None
         self.nodes[client.name].loaded = found["title"] if found else name
 

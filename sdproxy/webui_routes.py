@@ -176,13 +176,11 @@ def fan_out_post(path: str) -> Handler:
         answers, errors = await call_each(
             healthy, lambda c: c.request("POST", f"sdapi/v1/{path}", timeout_s=timeout_s)
         )
-        catalog = _cluster(request).models
         succeeded = [c for c in healthy if c.name in answers]
         if path == "refresh-checkpoints":
-            await catalog.refresh_all(succeeded)
-        elif path == "unload-checkpoint":
-            for client in succeeded:
-                catalog.record_loaded(client, None)
+            await _cluster(request).models.refresh_all(succeeded)
+        # unload-checkpoint leaves the node's sd_model_checkpoint option, which is what routing
+        # goes by: its next generation loads that checkpoint again.
         if errors:
             raise combined_error(f"POST {path}", errors, answered=len(answers))
         return json_response(answers[succeeded[0].name])

@@ -303,6 +303,12 @@ class TestCheckpointRouting:
             status, answer, headers = await post_json(session, f"{url}/sdapi/v1/txt2img", request)
             assert status == 200
             assert headers["X-Sdproxy-Shares"] == "b:0-2"
+            # Unloading does not change the checkpoint: the next generation loads it again.
+            status, _, _ = await post_json(session, f"{url}/sdapi/v1/unload-checkpoint", None)
+            assert status == 200
+            status, answer, headers = await post_json(session, f"{url}/sdapi/v1/txt2img", request)
+            assert status == 200, answer
+            assert headers["X-Sdproxy-Shares"] == "b:0-2"
 
 
 class TestRunningRequests:
