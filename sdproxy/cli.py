@@ -22,6 +22,7 @@ from sdproxy.benchmark import BenchmarkResult, benchmark_node, load_state, save_
 from sdproxy.config import NodeSettings, Settings, load_settings
 from sdproxy.errors import ConfigError, NodeError
 from sdproxy.fakewebui import FakeNode, FakeNodeSettings, create_fake_app
+from sdproxy.logs import configure_logging
 from sdproxy.nodes import NodeClient
 
 EXIT_OK = 0
@@ -39,10 +40,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
+    parser.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default=None,
+        help="log lines as text or JSON objects (default: [server] log_format, else text)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the proxy")
-    serve.add_argument("--config", type=Path, required=True, help="TOML configuration file")
+    serve.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="TOML configuration file (without it: SDPROXY_* environment variables only)",
+    )
 
     bench = commands.add_parser("benchmark", help="time every node and store the results")
     bench.add_argument("--config", type=Path, required=True, help="TOML configuration file")
@@ -88,14 +100,15 @@ def _model_list(text: str) -> tuple[str, ...]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     try:
-        if args.command == "serve":
-            asyncio.run(_serve(load_settings(args.config)))
-        elif args.command == "benchmark":
-            return asyncio.run(run_benchmarks(load_settings(args.config), args.node))
+        configured = args.command in ("serve", "benchmark")
+        settings = load_settings(args.config) if configured else None
+        from_config = settings.server.log_format if settings is not None else "text"
+        configure_logging(args.log_level, args.log_format or from_config)
+        if args.command == "serve" and settings is not None:
+            asyncio.run(_serve(settings))
+        elif args.command == "benchmark" and settings is not None:
+            return asyncio.run(run_benchmarks(settings, args.node))
         elif args.command == "fake-node":
             fake = FakeNodeSettings(
                 name=args.name,

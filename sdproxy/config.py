@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AnyHttpUrl,
@@ -34,6 +35,7 @@ class ServerSettings(_Section):
     port: Annotated[int, Field(ge=0, le=65535)] = 7860
     max_body_mb: Annotated[float, Field(gt=0)] = 64.0
     max_images_per_request: Annotated[int, Field(ge=1)] = 1000
+    log_format: Literal["text", "json"] = "text"
 
 
 class SchedulerSettings(_Section):
@@ -67,6 +69,39 @@ class BenchmarkSettings(_Section):
         if sizes[0] == sizes[1]:
             raise ValueError("give two different batch sizes (they fit overhead and slope)")
         return (min(sizes), max(sizes))
+
+
+_RESERVED_PREFIXES = frozenset(
+    {"sdapi", "cluster", "internal", "metrics", "openapi.json", "docs", "redoc"}
+)
+
+
+class ApiSettings(_Section):
+    """The webui API beyond generation: timeouts of node calls and forwarded extension routes."""
+
+    read_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    write_timeout_s: Annotated[float, Field(gt=0)] = 600.0  # POST options waits for a model load
+    extension_prefixes: tuple[str, ...] = ("controlnet", "adetailer")
+
+    @field_validator("extension_prefixes")
+    @classmethod
+    def _plain_prefixes(cls, prefixes: tuple[str, ...]) -> tuple[str, ...]:
+        for prefix in prefixes:
+            if not re.fullmatch(r"[A-Za-z0-9_.\-]+", prefix):
+                raise ValueError(f'{prefix!r} is not one path segment (e.g. "controlnet")')
+            if prefix in _RESERVED_PREFIXES:
+                raise ValueError(f"{prefix!r} is sdproxy's own path")
+        return prefixes
+
+
+class AutosaveSettings(_Section):
+    """Where every image returned to a client is also written as PNG ("" = off)."""
+
+    dir: str = ""
+
+    @property
+    def path(self) -> Path | None:
+        return Path(self.dir) if self.dir.strip() else None
 
 
 class NodeSettings(_Section):
@@ -106,6 +141,8 @@ class Settings(BaseSettings):
     server: ServerSettings = ServerSettings()
     scheduler: SchedulerSettings = SchedulerSettings()
     benchmark: BenchmarkSettings = BenchmarkSettings()
+    api: ApiSettings = ApiSettings()
+    autosave: AutosaveSettings = AutosaveSettings()
     nodes: Annotated[list[NodeSettings], Field(min_length=1)]
 
     @model_validator(mode="after")

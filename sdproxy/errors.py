@@ -8,10 +8,13 @@
     │   ├── RequestValidationError  422, FastAPI's validation body
     │   ├── BodyTooLarge            413
     │   ├── NotFound                404
-    │   └── QueueFull               429: too many images already queued; Retry-After
+    │   ├── QueueFull               429: too many images already queued; Retry-After
+    │   └── NotSupported            501: node-local actions (create/*, train/*)
+    ├── UnknownCheckpoint           500 like the webui's: POST options names no node's model
     ├── NoNodeAvailable             503: no healthy node can take the work
     ├── RequestTimeout              504: the request's overall deadline passed
     ├── GenerationFailed            502: shares failed and no node could take them over
+    ├── NodesFailed                 502: a call sent to every node failed on some
     └── NodeError                   one call to one node failed
         ├── NodeUnreachable         refused, reset, DNS: nothing usable came back
         ├── NodeTimeout             the node did not answer within the deadline
@@ -92,6 +95,22 @@ class QueueFull(ClientError):
         return {"Retry-After": str(self.retry_after_s)}
 
 
+class NotSupported(ClientError):
+    """sdproxy refuses this on purpose: it would change one node's local state."""
+
+    status = 501
+
+    def body(self) -> dict[str, Any]:
+        return webui_error_body("HTTPException", detail=str(self))
+
+
+class UnknownCheckpoint(SdproxyError):
+    """POST /options names a checkpoint no healthy node has (the webui's RuntimeError)."""
+
+    def body(self) -> dict[str, Any]:
+        return webui_error_body("RuntimeError", errors=str(self))
+
+
 class NoNodeAvailable(SdproxyError):
     """No healthy node can take the work right now."""
 
@@ -113,6 +132,21 @@ class RequestTimeout(SdproxyError):
 
 class GenerationFailed(SdproxyError):
     """Shares of a request failed and no healthy node could take them over."""
+
+    status = 502
+
+    def __init__(self, message: str, failures: dict[str, str]) -> None:
+        super().__init__(message)
+        self.failures = failures
+
+    def body(self) -> dict[str, Any]:
+        body = super().body()
+        body["nodes"] = self.failures
+        return body
+
+
+class NodesFailed(SdproxyError):
+    """A call sent to several nodes failed on some of them; the body names them."""
 
     status = 502
 
@@ -148,7 +182,25 @@ class NodeTimeout(NodeError):
 
 
 class NodeBadResponse(NodeError):
-    """The node answered with a server error or a body sdproxy cannot use."""
+    """The node answered with a server error or a body sdproxy cannot use.
+
+    ``answered`` and ``answer`` keep the node's own status and JSON body when it sent an error
+    body, so one-node calls can pass the webui's own 500 on (e.g. KeyError for an unknown option).
+    """
+
+    def __init__(
+        self, node: str, message: str, *, answered: int | None = None, answer: Any = None
+    ) -> None:
+        super().__init__(node, message)
+        self.answered = answered
+        self.answer = answer
+        if answered is not None and isinstance(answer, dict):
+            self.status = answered
+
+    def body(self) -> dict[str, Any]:
+        if self.answered is not None and isinstance(self.answer, dict):
+            return self.answer
+        return super().body()
 
 
 class NodeRejected(NodeError):

@@ -113,7 +113,12 @@ class NodeClient:
         if 400 <= status < 500:
             raise NodeRejected(self.name, status, payload)
         if status >= 500 or status < 200 or status >= 300:
-            raise NodeBadResponse(self.name, f"answered {status}: {_error_text(payload)}")
+            raise NodeBadResponse(
+                self.name,
+                f"answered {status}: {_error_text(payload)}",
+                answered=status,
+                answer=payload,
+            )
         return payload
 
     def record_success(self, images: int = 0) -> None:

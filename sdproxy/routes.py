@@ -8,8 +8,10 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from sdproxy import __version__
-from sdproxy.appkeys import benchmarker_key, cluster_key, settings_key
+from sdproxy import __version__, metrics
+from sdproxy.accesslog import Outcome, outcome_key
+from sdproxy.appkeys import autosave_key, benchmarker_key, cluster_key, metrics_key, settings_key
+from sdproxy.dashboard import cluster_page, in_flight
 from sdproxy.errors import NotFound, RequestValidationError, validation_error
 from sdproxy.request import Kind, parse_generation
 
@@ -61,18 +63,25 @@ async def _generate(request: web.Request, kind: Kind) -> web.Response:
     generation = parse_generation(kind, body, max_images=settings.server.max_images_per_request)
     result = await request.app[cluster_key].generate(generation)
     headers = {SHARES_HEADER: format_shares(result.shares)} if result.shares else None
-    return json_response(result.body, headers=headers)
+    response = json_response(result.body, headers=headers)
+    request[outcome_key] = Outcome(generation.total_images, result.shares)
+    if autosave_key in request.app:
+        request.app[autosave_key].submit(result.body, result.shares)
+    return response
 
 
 async def txt2img(request: web.Request) -> web.Response:
+    """POST /sdapi/v1/txt2img, split over the healthy nodes and merged."""
     return await _generate(request, "txt2img")
 
 
 async def img2img(request: web.Request) -> web.Response:
+    """POST /sdapi/v1/img2img, split over the healthy nodes and merged."""
     return await _generate(request, "img2img")
 
 
 async def cluster_status(request: web.Request) -> web.Response:
+    """GET /cluster/status: every node, its health and what it rendered."""
     cluster = request.app[cluster_key]
     benchmarker = request.app[benchmarker_key]
     now = asyncio.get_running_loop().time()
@@ -88,6 +97,7 @@ async def cluster_status(request: web.Request) -> web.Response:
                 "url": client.settings.base_url,
                 "healthy": stats.healthy,
                 "weight": client.settings.weight,
+                "speed_estimate": round(metrics.speed_estimate(cluster, client), 4),
                 "max_batch_size": client.settings.max_batch_size,
                 "images_rendered": stats.images_rendered,
                 "requests_sent": stats.requests_sent,
@@ -118,6 +128,7 @@ async def cluster_status(request: web.Request) -> web.Response:
             "queued_images": cluster.queued_images(),
             "max_queued_images": cluster.settings.scheduler.max_queued_images,
             "nodes": nodes,
+            "in_flight": in_flight(cluster),
         }
     )
 
@@ -135,8 +146,20 @@ async def cluster_benchmark(request: web.Request) -> web.Response:
     return json_response({"started": started, "running": running}, status=202)
 
 
+async def prometheus_metrics(request: web.Request) -> web.Response:
+    text = request.app[metrics_key].render(request.app.get(cluster_key))
+    return web.Response(body=text, headers={"Content-Type": metrics.CONTENT_TYPE})
+
+
 def add_routes(app: web.Application) -> None:
+    # Imported here: those modules build on this one's helpers (json_response, read_json).
+    from sdproxy import openapi, webui_routes
+
     app.router.add_post("/sdapi/v1/txt2img", txt2img)
     app.router.add_post("/sdapi/v1/img2img", img2img)
     app.router.add_get("/cluster/status", cluster_status)
+    app.router.add_get("/cluster", cluster_page)
+    app.router.add_get("/metrics", prometheus_metrics)
+    webui_routes.add_webui_routes(app)
+    app.router.add_get("/openapi.json", openapi.openapi_json, allow_head=False)
     app.router.add_post("/cluster/benchmark", cluster_benchmark)

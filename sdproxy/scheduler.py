@@ -19,6 +19,7 @@ import logging
 import math
 import random
 import statistics
+import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from typing import Any
 import aiohttp
 
 from sdproxy import images
+from sdproxy.checkpoints import ModelCatalog
 from sdproxy.config import Settings
 from sdproxy.errors import (
     GenerationFailed,
@@ -38,7 +40,9 @@ from sdproxy.errors import (
     RequestTimeout,
     SdproxyError,
 )
+from sdproxy.logs import request_id_var
 from sdproxy.merge import BadNodeResult, Merged, Part, merge_parts, read_part, with_grid
+from sdproxy.metrics import Metrics
 from sdproxy.nodes import NodeClient, probe_all
 from sdproxy.planner import Chunk, NodeLoad, Share, chunk_share, plan_makespan
 from sdproxy.request import GenerationRequest, Seeds, node_body, resolve_seeds
@@ -68,17 +72,26 @@ class Run:
     failures: dict[str, str] = field(default_factory=dict)
     error: SdproxyError | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    request_id: str | None = field(default_factory=request_id_var.get)
+    started_at: float = field(default_factory=time.time)  # Unix time, for the dashboard
+    # Interrupted by the client: short answers are the images finished so far, not failures.
+    interrupted: bool = False
     work_per_image: float = 1.0
 
     @property
     def finished(self) -> bool:
         return self.done.is_set()
 
-    def add(self, part: Part) -> None:
+    def add(self, part: Part, covered: int) -> None:
+        """A node's answer for ``covered`` images (``part`` may hold fewer when interrupted)."""
         if self.finished:
             return
         self.parts.append(part)
-        self.remaining -= part.count
+        self.drop(covered)
+
+    def drop(self, images: int) -> None:
+        """Stop waiting for ``images`` images (rendered, or given up after an interrupt)."""
+        self.remaining -= images
         if self.remaining <= 0:
             self.done.set()
 
@@ -190,32 +203,41 @@ class Lane:
         else:
             body = node_body(request, run.seeds, chunk.start, chunk.batch_size, chunk.n_iter)
         timeout_s = self._cluster.settings.scheduler.share_timeout_s
-        loop = asyncio.get_running_loop()
+        metrics, started = self._cluster.metrics, time.perf_counter()
         try:
-            started = loop.time()
             response = await client.generate(request.kind, body, timeout_s)
-            self.model.observe(job.work, loop.time() - started)
+            if not run.interrupted:  # a short, interrupted answer says nothing of the speed
+                self.model.observe(job.work, time.perf_counter() - started)
             if job.whole:
                 run.complete_whole(response)
                 client.record_success()
+                metrics.observe_job(client.name, "ok", time.perf_counter() - started)
                 return
             try:
                 part = read_part(
-                    client.name, chunk.start, chunk.images, response, request.send_images
+                    client.name,
+                    chunk.start,
+                    chunk.images,
+                    response,
+                    request.send_images,
+                    allow_short=run.interrupted,
                 )
             except BadNodeResult as exc:
                 raise NodeBadResponse(client.name, str(exc)) from exc
         except NodeRejected as exc:
             # The node is fine; the request is not. Every node would say the same.
             client.record_success()
+            metrics.observe_job(client.name, "rejected", time.perf_counter() - started)
             run.fail(exc)
         except NodeError as exc:
             log.warning("node %s failed images %s..: %s", client.name, chunk.start, exc.reason)
             client.record_failure(exc)
+            metrics.observe_job(client.name, "error", time.perf_counter() - started)
             self._cluster.failover(self, job, exc)
         else:
             client.record_success(part.count)
-            run.add(part)
+            metrics.observe_job(client.name, "ok", time.perf_counter() - started, part.count)
+            run.add(part, chunk.images)
 
 
 class Cluster:
@@ -228,16 +250,23 @@ class Cluster:
         settings: Settings,
         session: aiohttp.ClientSession,
         rng: random.Random | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.runs: set[Run] = set()  # requests in flight, for /cluster/status
         self.clients = [NodeClient(session, node, settings.scheduler) for node in settings.nodes]
         self.lanes = {client.name: Lane(client, self) for client in self.clients}
+        self.models = ModelCatalog(self.clients, settings.api)
         self._rng = rng or random.SystemRandom()
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         """Probe every node once, then start the lanes and the health poller."""
         await probe_all(self.clients, self.settings.scheduler.health_timeout_s)
+        async with asyncio.TaskGroup() as group:
+            for client in self.healthy_clients():
+                group.create_task(self.models.sync(client))
         for lane in self.lanes.values():
             self._tasks.append(asyncio.create_task(lane.run_forever(), name=lane.client.name))
         self._tasks.append(asyncio.create_task(self._poll_health(), name="health"))
@@ -248,6 +277,7 @@ class Cluster:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)  # all cancelled on purpose
         self._tasks.clear()
+        await self.models.aclose()
         for lane in self.lanes.values():
             for job in lane.take_pending():
                 job.run.fail(NoNodeAvailable("sdproxy is shutting down"))
@@ -294,10 +324,9 @@ class Cluster:
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         """Render ``request`` on the healthy nodes and merge the answers into one."""
-        healthy = self.healthy_clients()
-        if not healthy:
-            raise NoNodeAvailable("no healthy node: every node is down or unreachable")
-        self._check_queue(request, healthy)
+        eligible = self.healthy_clients()
+        if eligible:
+            self._check_queue(request, eligible)
         seeds = resolve_seeds(request, self._rng)
         run = Run(
             request,
@@ -305,21 +334,28 @@ class Cluster:
             remaining=request.total_images,
             work_per_image=work_per_image(request),
         )
+        healthy = await self._eligible(request)
         if request.splittable:
             self._queue(run, self._plan(run, request.units, 0, healthy))
         else:
             job = Job(run, Chunk(0, request.batch_size, request.n_iter), whole=True)
             self._whole_lane(job, healthy).submit(job)
+        self.runs.add(run)
         try:
             async with asyncio.timeout(self.settings.scheduler.request_timeout_s):
                 await run.done.wait()
         except TimeoutError:
             run.fail(RequestTimeout("the request took longer than request_timeout_s"))
+        finally:
+            self.runs.discard(run)
         if run.error is not None:
             raise run.error
         if not request.splittable:
             return GenerationResult(run.whole, [])
-        merged = merge_parts(request, seeds, run.parts)
+        if not run.parts:  # interrupted, and the nodes it was on failed
+            why = "interrupted, and no node returned an image"
+            raise GenerationFailed(f"generation failed: {why}", failures=dict(run.failures))
+        merged = merge_parts(request, seeds, run.parts, partial=run.interrupted)
         if merged.grid_wanted:
             merged = await self._add_grid(merged, request)
         return GenerationResult(merged.to_json_dict(), merged.shares)
@@ -395,13 +431,20 @@ class Cluster:
     def failover(self, lane: Lane, failed: Job, error: NodeError) -> None:
         """Plan a failed job, and every job waiting behind it, onto the healthy nodes."""
         failed.run.failures[error.node] = error.reason
+        self.metrics.observe_failover(error.node)
         for job in [failed, *lane.take_pending()]:
             run = job.run
             if run.finished:
                 continue
+            if run.interrupted and not job.whole:  # the client wants what is done, not the rest
+                run.drop(job.chunk.images)
+                continue
             if job is failed:
                 run.redispatches += 1
-            healthy = self.healthy_clients()
+            try:
+                healthy = self.models.select(run.request, self.healthy_clients())
+            except SdproxyError:
+                healthy = []
             if job.whole and healthy:
                 self._whole_lane(job, healthy).submit(job)
             elif run.redispatches > self.settings.scheduler.max_redispatches or not healthy:
@@ -417,6 +460,42 @@ class Cluster:
                     run.fail(exc)
                 else:
                     self._queue(run, shares)
+
+    async def _eligible(self, request: GenerationRequest) -> list[NodeClient]:
+        """The healthy nodes that may render ``request`` (model-aware routing)."""
+        healthy = self.healthy_clients()
+        if healthy:
+            await self.models.prepare(request, healthy)
+            healthy = self.healthy_clients()
+        if not healthy:
+            raise NoNodeAvailable("no healthy node: every node is down or unreachable")
+        return self.models.select(request, healthy)
+
+    def running_jobs(self) -> list[tuple[Lane, Job]]:
+        """Every job a node is rendering right now for a request still in flight."""
+        return [
+            (lane, lane.current)
+            for lane in self.lanes.values()
+            if lane.current is not None and not lane.current.run.finished
+        ]
+
+    def interrupt_running(self) -> list[NodeClient]:
+        """Mark the running requests interrupted and drop their waiting jobs.
+
+        Returns the nodes to send the interrupt to. Requests only queued (not rendering
+        anywhere yet) go on, as requests waiting on a webui's queue lock do.
+        """
+        running = self.running_jobs()
+        runs = {job.run for _, job in running}
+        for run in runs:
+            run.interrupted = True
+        for lane in self.lanes.values():
+            kept = [job for job in lane.pending if job.run not in runs]
+            for job in lane.pending:
+                if job.run in runs:
+                    job.run.drop(job.chunk.images)
+            lane.pending = deque(kept)
+        return [lane.client for lane, _ in running]
 
     def _queue(self, run: Run, shares: Iterable[Share]) -> None:
         for share in shares:
@@ -455,7 +534,7 @@ class Cluster:
                 if job.run.finished:
                     continue
                 own = self._job_time_s(donor, job, job.chunk.images // job.run.request.unit_size)
-                if not job.whole:
+                if not job.whole and not job.run.interrupted and self._may_render(idle, job):
                     gain, units = self._best_steal(idle, donor, job, ahead)
                     if units and (best is None or gain > best[0]):
                         best = gain, donor, job, units
@@ -465,6 +544,14 @@ class Cluster:
         _, donor, job, units = best
         self._move(donor, idle, job, units)
         return True
+
+    def _may_render(self, lane: Lane, job: Job) -> bool:
+        """Whether the planner could have given ``lane`` this job (its checkpoint is there)."""
+        try:
+            eligible = self.models.select(job.run.request, self.healthy_clients())
+        except SdproxyError:
+            return False
+        return any(client is lane.client for client in eligible)
 
     def _job_time_s(self, lane: Lane, job: Job, units: int) -> float:
         """Predicted seconds for ``lane`` to render ``units`` of ``job``'s request."""
@@ -520,7 +607,7 @@ class Cluster:
         if not request.send_images:
             return with_grid(merged, None)
         infotexts = merged.info.get("infotexts") or [None]
-        rendered = merged.images[: request.total_images]  # not the extra images after them
+        rendered = merged.images[: merged.rendered]  # not the extra images after them
         grid = await asyncio.to_thread(images.build_grid, rendered, infotexts[0])
         return with_grid(merged, grid)
 
@@ -529,3 +616,5 @@ class Cluster:
         while True:
             await asyncio.sleep(interval)
             await probe_all(self.clients, self.settings.scheduler.health_timeout_s)
+            # A node back after a failure gets the cluster's checkpoint before any work on it.
+            self.models.sync_stale(self.healthy_clients())
