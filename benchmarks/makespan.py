@@ -79,6 +79,9 @@ SCENARIOS = (
     Scenario("speeds 1:1:3:6", _nodes([0.3, 0.3, 0.1, 0.05], 0.1), (4, 16, 64)),
     Scenario("one very slow among fast", _nodes([0.05, 0.05, 0.05, 1.0], 0.1), (4, 16, 64)),
     Scenario("4 clients at once, 1:2:4", _nodes([0.2, 0.1, 0.05], 0.3), (16, 64), clients=4),
+    Scenario(
+        "4 clients, 1:2:4, 0.1 s overhead", _nodes([0.2, 0.1, 0.05], 0.1), (16, 64), clients=4
+    ),
 )
 
 
@@ -313,7 +316,7 @@ async def measure_nodes(
 
 BASELINES = ("fastest node", "equal split", "original rule")
 HEADER = (
-    f"{'scenario':<30} {'images':>6} {'ideal s':>8} {'integer s':>9} {'sdproxy s':>9} "
+    f"{'scenario':<33} {'images':>6} {'ideal s':>8} {'integer s':>9} {'sdproxy s':>9} "
     f"{'efficiency':>10} {'vs integer':>10} " + " ".join(f"{name + ' x':>15}" for name in BASELINES)
 )
 
@@ -323,7 +326,7 @@ def print_row(row: Row) -> None:
     integer = f"{row.integer_s:>9.2f}" if row.integer_s is not None else f"{'-':>9}"
     versus = f"{row.integer_s / row.sdproxy_s:>10.2f}" if row.integer_s else f"{'-':>10}"
     print(
-        f"{row.scenario:<30} {row.images:>6} {row.ideal_s:>8.2f} {integer} {row.sdproxy_s:>9.2f} "
+        f"{row.scenario:<33} {row.images:>6} {row.ideal_s:>8.2f} {integer} {row.sdproxy_s:>9.2f} "
         f"{row.efficiency:>10.2f} {versus} {ratios}",
         flush=True,
     )

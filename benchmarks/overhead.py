@@ -91,9 +91,27 @@ def stub_node(pool: list[str]) -> web.Application:
     async def progress(_: web.Request) -> web.Response:
         return web.json_response({"progress": 0, "state": {}})
 
+    title = "v1-5-pruned-emaonly.safetensors [6ce0161689]"
+    model = {
+        "title": title,
+        "model_name": "v1-5-pruned-emaonly",
+        "hash": "6ce0161689",
+        "sha256": "6ce0161689b3853acaa03779ec93eafe75a02f4ced659bee03f50797806fa2fa",
+        "filename": "/models/v1-5-pruned-emaonly.safetensors",
+        "config": None,
+    }
+
+    async def sd_models(_: web.Request) -> web.Response:
+        return web.json_response([model])
+
+    async def options(_: web.Request) -> web.Response:
+        return web.json_response({"sd_model_checkpoint": title})
+
     app = web.Application(client_max_size=64 * MB)
     app.router.add_post("/sdapi/v1/txt2img", txt2img)
     app.router.add_get("/sdapi/v1/progress", progress)
+    app.router.add_get("/sdapi/v1/sd-models", sd_models)
+    app.router.add_get("/sdapi/v1/options", options)
     return app
 
 
