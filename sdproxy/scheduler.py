@@ -27,7 +27,7 @@ from typing import Any
 
 import aiohttp
 
-from sdproxy import images
+from sdproxy import images, stealing
 from sdproxy.checkpoints import ModelCatalog
 from sdproxy.config import Settings
 from sdproxy.errors import (
@@ -305,7 +305,7 @@ class Cluster:
         if lane is None or not lane.model.measured or images <= 0:
             return None
         unit = request.unit_size
-        limit = self._batch_limit(lane, request)
+        limit = self.batch_limit(lane, request)
         requests = (
             1 if limit is None else max(1, len(chunk_share(Share(node, 0, images // unit), limit)))
         )
@@ -391,7 +391,7 @@ class Cluster:
         loads = []
         for client in healthy:
             lane = self.lanes[client.name]
-            limit = self._batch_limit(lane, request)
+            limit = self.batch_limit(lane, request)
             if limit == 0:
                 continue
             estimate = self.estimate(lane)
@@ -411,7 +411,7 @@ class Cluster:
             )
         return plan_makespan(units, loads, start)
 
-    def _batch_limit(self, lane: Lane, request: GenerationRequest) -> int | None:
+    def batch_limit(self, lane: Lane, request: GenerationRequest) -> int | None:
         """Units one node request of ``lane`` may carry: None for whole-batch units, 0 for none.
 
         Single images go in batches no larger than the client's batch_size (what the client
@@ -499,109 +499,24 @@ class Cluster:
 
     def _queue(self, run: Run, shares: Iterable[Share]) -> None:
         for share in shares:
-            for chunk in self._chunks(run.request, share):
-                self.lanes[share.node].submit(Job(run, chunk))
+            for job in self.jobs_for(run, share):
+                self.lanes[share.node].submit(job)
+
+    def jobs_for(self, run: Run, share: Share) -> list[Job]:
+        """The jobs (node requests) that render ``share`` of ``run`` on its node."""
+        return [Job(run, chunk) for chunk in self._chunks(run.request, share)]
 
     def _chunks(self, request: GenerationRequest, share: Share) -> list[Chunk]:
         """Cut a share of units into node requests: whole batches go as one request."""
         if request.split_by_iteration:
             size = request.unit_size
             return [Chunk(share.start * size, size, share.count)]
-        limit = self._batch_limit(self.lanes[share.node], request)
+        limit = self.batch_limit(self.lanes[share.node], request)
         return chunk_share(share, max(limit or 1, 1))
-
-    # --- work stealing ---------------------------------------------------------------------
 
     def rebalance(self) -> bool:
         """Let idle healthy lanes take over waiting work they finish earlier; True if any did."""
-        moved = False
-        for lane in self.lanes.values():
-            if lane.idle and lane.client.stats.healthy:
-                moved = self._steal_for(lane) or moved
-        return moved
-
-    def _steal_for(self, idle: Lane) -> bool:
-        """Move the part of one waiting job that ``idle`` finishes earliest, if that helps."""
-        now = asyncio.get_running_loop().time()
-        best: tuple[float, Lane, Job, int] | None = None
-        for donor in self.lanes.values():
-            if donor is idle or not donor.pending:
-                continue
-            ahead = donor.backlog_s(now) - sum(
-                self.predict_s(donor, j.work) for j in donor.pending if not j.run.finished
-            )
-            for job in donor.pending:
-                if job.run.finished:
-                    continue
-                own = self._job_time_s(donor, job, job.chunk.images // job.run.request.unit_size)
-                if not job.whole and not job.run.interrupted and self._may_render(idle, job):
-                    gain, units = self._best_steal(idle, donor, job, ahead)
-                    if units and (best is None or gain > best[0]):
-                        best = gain, donor, job, units
-                ahead += own
-        if best is None or best[0] <= 1e-3:
-            return False
-        _, donor, job, units = best
-        self._move(donor, idle, job, units)
-        return True
-
-    def _may_render(self, lane: Lane, job: Job) -> bool:
-        """Whether the planner could have given ``lane`` this job (its checkpoint is there)."""
-        try:
-            eligible = self.models.select(job.run.request, self.healthy_clients())
-        except SdproxyError:
-            return False
-        return any(client is lane.client for client in eligible)
-
-    def _job_time_s(self, lane: Lane, job: Job, units: int) -> float:
-        """Predicted seconds for ``lane`` to render ``units`` of ``job``'s request."""
-        if units <= 0:
-            return 0.0
-        request = job.run.request
-        limit = self._batch_limit(lane, request)
-        requests = (
-            1 if limit is None else len(chunk_share(Share(lane.name, 0, units), max(limit, 1)))
-        )
-        work = units * request.unit_size * job.run.work_per_image
-        return self.predict_s(lane, work, requests)
-
-    def _best_steal(self, idle: Lane, donor: Lane, job: Job, ahead_s: float) -> tuple[float, int]:
-        """(seconds saved, units to move) for the best split of ``job`` between the lanes."""
-        request = job.run.request
-        if self._batch_limit(idle, request) == 0:
-            return 0.0, 0
-        units = job.chunk.images // request.unit_size
-        now_done = ahead_s + self._job_time_s(donor, job, units)
-        best_gain, best_units = 0.0, 0
-        for moved in range(1, units + 1):
-            done = max(
-                ahead_s + self._job_time_s(donor, job, units - moved) if moved < units else 0.0,
-                self._job_time_s(idle, job, moved),
-            )
-            if now_done - done > best_gain:
-                best_gain, best_units = now_done - done, moved
-        return best_gain, best_units
-
-    def _move(self, donor: Lane, idle: Lane, job: Job, units: int) -> None:
-        """Split ``job``: its last ``units`` go to ``idle``, the rest stays where it was."""
-        run, unit = job.run, job.run.request.unit_size
-        first = job.chunk.start // unit
-        total = job.chunk.images // unit
-        kept = total - units
-        at = donor.pending.index(job)
-        del donor.pending[at]
-        if kept:
-            for chunk in reversed(self._chunks(run.request, Share(donor.name, first, kept))):
-                donor.pending.insert(at, Job(run, chunk))
-        log.info(
-            "node %s takes images %d-%d over from node %s",
-            idle.name,
-            (first + kept) * unit,
-            (first + total) * unit - 1,
-            donor.name,
-        )
-        for chunk in self._chunks(run.request, Share(idle.name, first + kept, units)):
-            idle.submit(Job(run, chunk))
+        return stealing.rebalance(self)
 
     async def _add_grid(self, merged: Merged, request: GenerationRequest) -> Merged:
         if not request.send_images:

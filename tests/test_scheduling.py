@@ -9,9 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 from sdproxy.benchmark import BenchmarkResult, save_state
+from sdproxy.config import Settings
 from sdproxy.fakewebui import FakeNodeSettings, Fault
+from sdproxy.request import parse_generation
+from sdproxy.scheduler import Cluster
+from sdproxy.speed import SpeedEstimate
 from tests.support import RunningNode, fake_nodes, post_json, proxy
 
 SMALL = {"width": 64, "height": 64, "steps": 20}  # 1/64 of a nominal image
@@ -163,3 +168,24 @@ class TestQueueBound:
             first_status, first_answer, _ = await first
             assert first_status == 200, first_answer
             assert len(first_answer["images"]) == 4
+
+
+class TestPredictJob:
+    """predict_job_s: the speed model's time for a share, or None before any measurement."""
+
+    async def test_predict_job_s_follows_the_model(self) -> None:
+        """None unmeasured; then overhead per node request plus per-image work."""
+        settings = Settings.model_validate(
+            {"nodes": [{"name": "a", "url": "http://127.0.0.1:1", "max_batch_size": 2}]}
+        )
+        request = parse_generation("txt2img", {"batch_size": 3, **SMALL}, max_images=10)
+        async with aiohttp.ClientSession() as session:
+            cluster = Cluster(settings, session)
+            assert cluster.predict_job_s("a", request, 3) is None
+            assert cluster.predict_job_s("nope", request, 3) is None
+            cluster.lanes["a"].model.set_benchmark(
+                SpeedEstimate(0.5, 6.4, 4, "benchmark"), (1 / 64, 4 / 64)
+            )
+            # 3 images in batches of at most 2: two node requests, 0.1 s per 64x64 image.
+            assert cluster.predict_job_s("a", request, 3) == pytest.approx(2 * 0.5 + 3 * 0.1)
+            assert cluster.predict_job_s("a", request, 2) == pytest.approx(0.5 + 2 * 0.1)
