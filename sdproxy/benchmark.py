@@ -236,6 +236,15 @@ class Benchmarker:
             self.running.difference_update(names)
 
     async def _run_one(self, name: str) -> None:
+        try:
+            await self._measure(name)
+        except Exception:  # a background task: a bug is logged, the other nodes go on
+            log.exception("benchmark of node %s crashed", name)
+            self.errors[name] = "internal error in sdproxy"
+        finally:
+            self.running.discard(name)  # only now: the result is applied and stored
+
+    async def _measure(self, name: str) -> None:
         lane = self.cluster.lanes[name]
         timeout_s = self.cluster.settings.scheduler.share_timeout_s
         try:
@@ -246,8 +255,6 @@ class Benchmarker:
             log.warning("benchmark of node %s failed: %s", name, exc.reason)
             self.errors[name] = exc.reason
             return
-        finally:
-            self.running.discard(name)
         self.errors.pop(name, None)
         self._apply(result)
         log.info(
@@ -258,8 +265,11 @@ class Benchmarker:
         )
         path = self.settings.state_file
         if path is not None:
-            async with self._store_lock:
-                await asyncio.to_thread(_store, path, result)
+            try:
+                async with self._store_lock:
+                    await asyncio.to_thread(_store, path, result)
+            except OSError as exc:  # a read-only config folder, a full disk: keep serving
+                log.warning("cannot store the benchmark of %s in %s: %s", name, path, exc)
 
     def _apply(self, result: BenchmarkResult) -> None:
         self.results[result.node] = result

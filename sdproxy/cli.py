@@ -206,7 +206,11 @@ async def run_benchmarks(settings: Settings, only: str | None) -> int:
     if path is not None and results:
         stored = await asyncio.to_thread(load_state, path)
         stored.update(results)
-        await asyncio.to_thread(save_state, path, stored)
+        try:
+            await asyncio.to_thread(save_state, path, stored)
+        except OSError as exc:
+            print(f"sdproxy: cannot store the results in {path}: {exc}", file=sys.stderr)
+            return EXIT_RUNTIME
         print(f"results stored in {path}", file=sys.stderr)
     return EXIT_RUNTIME if errors else EXIT_OK
 

@@ -166,3 +166,30 @@ class TestBackgroundBenchmark:
                     assert (await resp.json())["error"] == "HTTPException"
             assert nodes[0].node.generations == generations[0]
             assert nodes[1].node.generations == generations[1] + 3
+
+
+class TestStateFileUnwritable:
+    """A state file that cannot be written is a warning; the benchmark still counts."""
+
+    async def test_serve_keeps_result_when_state_file_unwritable(
+        self, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """The state file's folder is a file: the node is still planned by its benchmark."""
+        blocker = tmp_path / "not-a-dir"
+        blocker.write_text("")
+        bench = {**QUICK, "state_file": str(blocker / "state.json")}
+        async with (
+            fake_nodes(FakeNodeSettings(name="a")) as nodes,
+            aiohttp.ClientSession() as session,
+            proxy(nodes, benchmark=bench) as url,
+        ):
+            status = await wait_for_status(
+                session,
+                url,
+                lambda s: (
+                    s["nodes"][0]["benchmark"]["measured_at"]
+                    and not s["nodes"][0]["benchmark"]["running"]
+                ),
+            )
+            assert status["nodes"][0]["speed"]["source"] == "benchmark"
+        assert "cannot store the benchmark of a" in caplog.text
