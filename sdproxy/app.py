@@ -11,8 +11,10 @@ from aiohttp import web
 
 from sdproxy import __version__, routes
 from sdproxy.appkeys import cluster_key, session_key, settings_key
+from sdproxy.auth import auth_middleware
 from sdproxy.config import Settings
 from sdproxy.errors import SdproxyError, webui_error_body
+from sdproxy.limits import body_limit_middleware, body_too_large
 from sdproxy.routes import json_response
 from sdproxy.scheduler import Cluster
 
@@ -28,10 +30,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except SdproxyError as exc:
         return json_response(exc.body(), status=exc.status, headers=exc.headers())
-    except web.HTTPRequestEntityTooLarge as exc:
-        limit_mb = request.app[settings_key].server.max_body_mb
-        detail = f"request body larger than {limit_mb:g} MiB"
-        return json_response(webui_error_body("HTTPException", detail=detail), status=exc.status)
+    except web.HTTPRequestEntityTooLarge:
+        error = body_too_large(request.app[settings_key].server)
+        return json_response(error.body(), status=error.status)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -66,9 +67,14 @@ async def _cluster(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(settings: Settings) -> web.Application:
     """The sdproxy application for ``settings``; resources open when it starts."""
+    # The error middleware comes first, so it answers what the ones inside it raise.
     app = web.Application(
-        middlewares=[error_middleware],
-        client_max_size=int(settings.server.max_body_mb * 1024 * 1024),
+        middlewares=[
+            error_middleware,
+            auth_middleware(settings.server),
+            body_limit_middleware(settings.server),
+        ],
+        client_max_size=settings.server.max_body_bytes,
     )
     app[settings_key] = settings
     app.cleanup_ctx.append(_client_session)

@@ -7,6 +7,8 @@
     ├── ClientError                 the client's request is at fault (4xx)
     │   ├── RequestValidationError  422, FastAPI's validation body
     │   ├── BodyTooLarge            413
+    │   ├── BodyTimeout             408: the body did not arrive within body_timeout_s
+    │   ├── NotAuthenticated        401, the webui's --api-auth bodies
     │   └── NotFound                404
     ├── NoNodeAvailable             503: no healthy node can take the work
     ├── RequestTimeout              504: the request's overall deadline passed
@@ -15,6 +17,7 @@
         ├── NodeUnreachable         refused, reset, DNS: nothing usable came back
         ├── NodeTimeout             the node did not answer within the deadline
         ├── NodeBadResponse         5xx, malformed or incomplete JSON
+        ├── NodeAuthFailed          401/403: the node refused sdproxy's own credentials
         └── NodeRejected            the node answered 4xx: the request is at fault
 
 Only ``nodes.py`` catches aiohttp's and asyncio's errors and raises ``NodeError``s from them; only
@@ -67,6 +70,27 @@ class BodyTooLarge(ClientError):
     """The request body is larger than the configured limit."""
 
     status = 413
+
+    def body(self) -> dict[str, Any]:
+        return webui_error_body("HTTPException", detail=str(self))
+
+
+class BodyTimeout(ClientError):
+    """The client sent its body too slowly."""
+
+    status = 408
+
+    def body(self) -> dict[str, Any]:
+        return webui_error_body("HTTPException", detail=str(self))
+
+
+class NotAuthenticated(ClientError):
+    """Missing or wrong client credentials; like the webui, no WWW-Authenticate header."""
+
+    status = 401
+
+    def body(self) -> dict[str, Any]:
+        return webui_error_body("HTTPException", detail=str(self))
 
 
 class NotFound(ClientError):
@@ -135,6 +159,10 @@ class NodeTimeout(NodeError):
 
 class NodeBadResponse(NodeError):
     """The node answered with a server error or a body sdproxy cannot use."""
+
+
+class NodeAuthFailed(NodeError):
+    """The node refused sdproxy's credentials: a configuration problem, not the client's."""
 
 
 class NodeRejected(NodeError):

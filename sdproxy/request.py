@@ -76,6 +76,74 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True)
+class InputLimits:
+    """Bounds on a generation request beyond the webui's own (it has none on sizes)."""
+
+    max_width: int = 4096
+    max_height: int = 4096
+    max_steps: int = 500
+    allow_image_urls: bool = False
+
+
+# Fields the webui decodes as images, fetching http(s) URLs when given one.
+IMAGE_FIELDS = ("init_images", "mask", "latent_mask", "firstpass_image")
+# Fields whose nested values scripts (ControlNet units, ReActor, ...) may decode as images.
+SCRIPT_FIELDS = ("alwayson_scripts", "script_args")
+# Fields sdproxy decodes before fanning out, so a broken image fails once, as 422.
+DECODED_FIELDS = ("init_images", "mask")
+
+
+def is_url(value: Any) -> bool:
+    """Whether ``value`` is a string the webui would fetch as a URL instead of decoding."""
+    return isinstance(value, str) and value.lstrip()[:8].lower().startswith(("http://", "https://"))
+
+
+def image_url_errors(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """A 422 item for every image given as a URL: sdproxy's nodes fetch nothing for clients."""
+    found: list[list[str | int]] = []
+    for name in IMAGE_FIELDS:
+        value = body.get(name)
+        if isinstance(value, list):
+            found.extend(["body", name, index] for index, item in enumerate(value) if is_url(item))
+        elif is_url(value):
+            found.append(["body", name])
+    # Scripts take positional and nested arguments: walk them all (iteratively, any depth).
+    stack: list[tuple[list[str | int], Any]] = [
+        (["body", name], body[name]) for name in SCRIPT_FIELDS if name in body
+    ]
+    while stack:
+        loc, value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend(([*loc, str(key)], item) for key, item in value.items())
+        elif isinstance(value, list):
+            stack.extend(([*loc, index], item) for index, item in enumerate(value))
+        elif is_url(value):
+            found.append(loc)
+    return [
+        validation_error(
+            loc,
+            "image URLs are not accepted: send the image as base64 or a data URI",
+            "value_error.url.not_allowed",
+        )
+        for loc in sorted(found, key=str)
+    ]
+
+
+def decodable_images(request: GenerationRequest) -> list[tuple[list[str | int], str]]:
+    """(loc, data) of every image sdproxy checks before fanning out: init_images and mask."""
+    found: list[tuple[list[str | int], str]] = []
+    for name in DECODED_FIELDS:
+        value = request.body.get(name)
+        items = enumerate(value) if isinstance(value, list) else [(None, value)]
+        for index, item in items:
+            if isinstance(item, int | float) and not isinstance(item, bool):
+                item = str(item)  # the webui's model coerces numbers to str, then decodes
+            if isinstance(item, str) and not is_url(item):
+                found.append((["body", name] + ([] if index is None else [index]), item))
+    return found
+
+
+@dataclass(frozen=True)
 class Seeds:
     """The request's seed and subseed, resolved once."""
 
@@ -110,7 +178,9 @@ def node_body(
     return body
 
 
-def parse_generation(kind: Kind, body: Any, *, max_images: int) -> GenerationRequest:
+def parse_generation(
+    kind: Kind, body: Any, *, max_images: int, limits: InputLimits = InputLimits()
+) -> GenerationRequest:
     """Validate ``body`` (decoded JSON) and return what sdproxy needs from it.
 
     Raises RequestValidationError with every problem found, in the webui's 422 shape.
@@ -125,15 +195,24 @@ def parse_generation(kind: Kind, body: Any, *, max_images: int) -> GenerationReq
     seed = reader.optional_integer("seed", -1)
     subseed = reader.optional_integer("subseed", -1)
     subseed_strength = reader.number("subseed_strength", 0.0)
-    steps = reader.integer("steps", 50, minimum=1)
-    width = reader.integer("width", 512, minimum=1)
-    height = reader.integer("height", 512, minimum=1)
+    steps = reader.integer("steps", 50, minimum=1, maximum=limits.max_steps)
+    width = reader.integer("width", 512, minimum=1, maximum=limits.max_width)
+    height = reader.integer("height", 512, minimum=1, maximum=limits.max_height)
+    if kind == "txt2img":
+        unbounded = -(2**63)  # the webui accepts any value here; only the top is bounded
+        reader.integer("hr_second_pass_steps", 0, minimum=unbounded, maximum=limits.max_steps)
+        reader.integer("hr_resize_x", 0, minimum=unbounded, maximum=limits.max_width)
+        reader.integer("hr_resize_y", 0, minimum=unbounded, maximum=limits.max_height)
     send_images = reader.boolean("send_images", True)
     save_images = reader.boolean("save_images", False)
     reader.string("prompt")
     reader.string("negative_prompt")
     script_name = reader.string("script_name")
     init_images = reader.image_list("init_images") if kind == "img2img" else 0
+    if kind == "img2img":
+        reader.string("mask")
+    if not limits.allow_image_urls:
+        reader.errors.extend(image_url_errors(body))
     reader.raise_if_errors()
     if kind == "img2img" and body.get("init_images") is None:
         raise NotFound("Init image not found")
@@ -201,10 +280,18 @@ class _FieldReader:
         if self.errors:
             raise RequestValidationError(self.errors)
 
-    def integer(self, name: str, default: int, *, minimum: int) -> int:
-        """An int of at least ``minimum``; null means the default."""
+    def integer(self, name: str, default: int, *, minimum: int, maximum: int | None = None) -> int:
+        """An int of at least ``minimum`` (and at most ``maximum``); null means the default."""
         value = self.optional_integer(name, default)
         if value is None:
+            return default
+        if maximum is not None and value > maximum:
+            self._fail(
+                name,
+                f"ensure this value is less than or equal to {maximum}",
+                "value_error.number.not_le",
+                limit_value=maximum,
+            )
             return default
         if value < minimum:
             self._fail(

@@ -206,7 +206,8 @@ class Cluster:
         run = Run(request, seeds, remaining=request.total_images)
         healthy = self.healthy_clients()
         if not healthy:
-            raise NoNodeAvailable("no healthy node: every node is down or unreachable")
+            why = "; ".join(f"{c.name}: {c.stats.last_error or 'down'}" for c in self.clients)
+            raise NoNodeAvailable(f"no healthy node ({why})")
         if request.splittable:
             shares = plan_split(request.units, self._capacities(healthy))
             self._queue(run, shares)
