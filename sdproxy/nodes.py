@@ -58,8 +58,8 @@ class NodeClient:
         self._connect_timeout_s = scheduler.connect_timeout_s
         self._headers = dict(_JSON_HEADERS)
         if settings.username is not None and settings.password is not None:
-            auth = aiohttp.BasicAuth(settings.username, settings.password.get_secret_value())
-            self._headers["Authorization"] = auth.encode()
+            password = settings.password.get_secret_value()
+            self._headers["Authorization"] = aiohttp.encode_basic_auth(settings.username, password)
         self._ssl = tls_context(settings)
 
     def url(self, path: str) -> URL:
