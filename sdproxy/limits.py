@@ -11,6 +11,8 @@ from aiohttp.typedefs import Middleware
 from sdproxy.config import ServerSettings
 from sdproxy.errors import BodyTooLarge
 
+LINGERING_S = 2.0
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -43,6 +45,9 @@ def connection_limits(server: ServerSettings) -> dict[str, Any]:
     waits for the next request head, so it is also the deadline for a slow client's headers.
     """
     return {
+        # After answering a request whose body was not read (413, 401, 408), aiohttp reads and
+        # discards the rest this long, so the client sees the answer rather than a reset.
+        "lingering_time": LINGERING_S,
         "max_line_size": server.max_line_size,
         "max_field_size": server.max_field_size,
         "max_headers": server.max_headers,

@@ -1,0 +1,191 @@
+"""Bad input over HTTP: body size and speed, header limits, images checked before fan-out."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+import pytest
+from PIL import Image
+
+from sdproxy.fakewebui import FakeNodeSettings
+from tests.support import RunningNode, fake_nodes, post_json, proxy
+
+WAIT_S = 30  # generous: the machine is shared; nothing here should take more than a moment
+
+
+def png_b64(size: int = 16) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), (9, 99, 199)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+async def raw_exchange(url: str, request: bytes, *, close_after: bool = False) -> bytes:
+    """Send ``request`` bytes on a fresh connection; everything read until the server closes."""
+    parts = urlsplit(url)
+    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        if close_after:
+            writer.write_eof()
+        async with asyncio.timeout(WAIT_S):
+            chunks = []
+            while chunk := await reader.read(65536):
+                chunks.append(chunk)
+                if b"\r\n\r\n" in b"".join(chunks) and not close_after:
+                    break
+            return b"".join(chunks)
+    finally:
+        writer.close()
+
+
+class TestBodyLimits:
+    """Bodies over max_body_mb get 413 JSON without being read whole; slow bodies get 408."""
+
+    async def test_content_length_over_limit_is_413_before_the_body(self) -> None:
+        """A Content-Length over the limit is answered with nothing of the body sent."""
+        async with (
+            fake_nodes(FakeNodeSettings()) as nodes,
+            proxy(nodes, server={"max_body_mb": 1}) as url,
+        ):
+            head = (
+                b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Type: application/json\r\nContent-Length: 999999999\r\n\r\n"
+            )
+            answer = await raw_exchange(url, head)
+        assert answer.startswith(b"HTTP/1.1 413 ")
+        assert b"application/json" in answer
+
+    async def test_streamed_body_is_cut_off_with_413(self) -> None:
+        """A chunked body that would be 1 GiB gets 413 after little more than the limit."""
+        sent = 0
+
+        async def endless() -> AsyncIterator[bytes]:
+            nonlocal sent
+            chunk = b"x" * 65536
+            for _ in range(16384):
+                sent += len(chunk)
+                yield chunk
+
+        async with (
+            fake_nodes(FakeNodeSettings()) as nodes,
+            proxy(nodes, server={"max_body_mb": 1}) as url,
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WAIT_S)) as session,
+            session.post(f"{url}/sdapi/v1/txt2img", data=endless()) as resp,
+        ):
+            body = await resp.json()
+        assert resp.status == 413
+        assert body == {
+            "error": "HTTPException",
+            "detail": "request body larger than 1 MiB",
+            "body": "",
+            "errors": "",
+        }
+        assert sent < 1024**3 // 4
+        assert nodes[0].node.images_rendered == 0
+
+    async def test_slow_body_gets_408(self) -> None:
+        """A body that stops arriving is answered 408 after body_timeout_s."""
+        async with (
+            fake_nodes(FakeNodeSettings()) as nodes,
+            proxy(nodes, server={"body_timeout_s": 0.3}) as url,
+        ):
+            head = (
+                b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: x\r\n"
+                b'Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"pro'
+            )
+            answer = await raw_exchange(url, head)
+        assert answer.startswith(b"HTTP/1.1 408 ")
+
+
+class TestConnectionLimits:
+    """Request heads are bounded in size, count and time."""
+
+    @pytest.mark.parametrize(
+        "headers",
+        [
+            {"X-Big": "a" * 9000},
+            {f"X-H{i}": "v" for i in range(200)},
+        ],
+    )
+    async def test_oversized_head_is_4xx(self, headers: dict[str, str]) -> None:
+        """A header over max_field_size, or more than max_headers of them: 4xx, no 5xx."""
+        async with (
+            fake_nodes(FakeNodeSettings()) as nodes,
+            proxy(nodes) as url,
+            aiohttp.ClientSession() as session,
+            session.get(f"{url}/cluster/status", headers=headers) as resp,
+        ):
+            assert 400 <= resp.status < 500
+        async with (
+            fake_nodes(FakeNodeSettings()) as nodes,
+            proxy(nodes, server={"max_field_size": 65536, "max_headers": 512}) as url,
+            aiohttp.ClientSession() as session,
+            session.get(f"{url}/cluster/status", headers=headers) as resp,
+        ):
+            assert resp.status == 200
+
+    async def test_slow_head_is_disconnected(self) -> None:
+        """A client that never finishes its request head is dropped after keepalive_timeout_s."""
+        async with (
+            fake_nodes(FakeNodeSettings()) as nodes,
+            proxy(nodes, server={"keepalive_timeout_s": 0.3}) as url,
+        ):
+            answer = await raw_exchange(url, b"GET /cluster/status HTTP/1.1\r\nHost: x\r\nX-A: ")
+        assert answer == b""
+
+
+async def img2img(nodes: list[RunningNode], body: dict[str, Any], **server: Any) -> Any:
+    async with proxy(nodes, server=server) as url, aiohttp.ClientSession() as session:
+        return await post_json(session, f"{url}/sdapi/v1/img2img", body)
+
+
+class TestImagesBeforeFanOut:
+    """Init images and masks are decoded once by sdproxy; bad ones never reach a node."""
+
+    async def test_undecodable_init_image_and_mask_are_422(self) -> None:
+        """Each bad image is named by its field and index."""
+        body = {
+            "init_images": [png_b64(), "bm90IGFuIGltYWdl", "data:image/png;base64," + png_b64()],
+            "mask": "%%%",
+            "batch_size": 3,
+            "width": 64,
+            "height": 64,
+        }
+        async with fake_nodes(FakeNodeSettings()) as nodes:
+            status, answer, _ = await img2img(nodes, body)
+        assert status == 422
+        assert [e["loc"] for e in answer["detail"]] == [
+            ["body", "init_images", 1],
+            ["body", "mask"],
+        ]
+        assert {e["type"] for e in answer["detail"]} == {"value_error.image"}
+        assert nodes[0].node.images_rendered == 0
+
+    async def test_image_url_is_422_unless_allowed(self) -> None:
+        """An http(s) init image is refused; with allow_image_urls it goes to the node."""
+        body = {"init_images": ["http://127.0.0.1:1/a.png"], "width": 64, "height": 64}
+        async with fake_nodes(FakeNodeSettings()) as nodes:
+            status, answer, _ = await img2img(nodes, body)
+            assert status == 422
+            assert answer["detail"][0]["loc"] == ["body", "init_images", 0]
+            assert answer["detail"][0]["type"] == "value_error.url.not_allowed"
+            status, answer, _ = await img2img(nodes, body, allow_image_urls=True)
+            # The fake node, like the webui, fails to fetch it and says so with its own error.
+            assert status != 422
+            assert "url" in str(answer).lower()
+
+    async def test_oversized_request_is_422(self) -> None:
+        """width, height and steps over the configured bounds never reach a node."""
+        body = {"init_images": [png_b64()], "width": 8192, "steps": 10_000}
+        async with fake_nodes(FakeNodeSettings()) as nodes:
+            status, answer, _ = await img2img(nodes, body)
+        assert status == 422
+        assert [e["loc"] for e in answer["detail"]] == [["body", "steps"], ["body", "width"]]
+        assert nodes[0].node.images_rendered == 0
