@@ -18,6 +18,7 @@
         ├── NodeTimeout             the node did not answer within the deadline
         ├── NodeBadResponse         5xx, malformed or incomplete JSON
         ├── NodeAuthFailed          401/403: the node refused sdproxy's own credentials
+        ├── NodeRaised              500 with the webui's exception body: the job raised
         └── NodeRejected            the node answered 4xx: the request is at fault
 
 Only ``nodes.py`` catches aiohttp's and asyncio's errors and raises ``NodeError``s from them; only
@@ -163,6 +164,26 @@ class NodeBadResponse(NodeError):
 
 class NodeAuthFailed(NodeError):
     """The node refused sdproxy's credentials: a configuration problem, not the client's."""
+
+
+class NodeRaised(NodeError):
+    """The node answered 500 with the webui's exception body: it is up, the job raised.
+
+    Many such errors come from the request (an unknown override_settings key, a null
+    cfg_scale, a missing upscaler), some from the node (out of memory). The scheduler tries
+    another node; when a second node raises too, or none is left, the request is at fault and
+    the client gets the node's own body with 422 (sdproxy answers 5xx only for node trouble).
+    """
+
+    status = 422
+
+    def __init__(self, node: str, body: dict[str, Any]) -> None:
+        error = body.get("errors") or body.get("detail") or "an exception"
+        super().__init__(node, f"raised {body.get('error')}: {str(error)[:200]}")
+        self.node_body = body
+
+    def body(self) -> dict[str, Any]:
+        return self.node_body
 
 
 class NodeRejected(NodeError):

@@ -17,11 +17,14 @@ from sdproxy.errors import (
     NodeAuthFailed,
     NodeBadResponse,
     NodeError,
+    NodeRaised,
     NodeRejected,
     NodeTimeout,
     NodeUnreachable,
 )
 
+# The webui's api_middleware answers any exception a job raises with these keys.
+_WEBUI_ERROR_KEYS = frozenset({"error", "detail", "body", "errors"})
 _JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
 
 
@@ -131,6 +134,8 @@ class NodeClient:
             )
         if 400 <= status < 500:
             raise NodeRejected(self.name, status, payload)
+        if status == 500 and isinstance(payload, dict) and payload.keys() >= _WEBUI_ERROR_KEYS:
+            raise NodeRaised(self.name, payload)
         if status >= 500 or status < 200 or status >= 300:
             raise NodeBadResponse(self.name, f"answered {status}: {_error_text(payload)}")
         return payload
@@ -140,6 +145,11 @@ class NodeClient:
         self.stats.consecutive_failures = 0
         self.stats.images_rendered += images
         self.stats.last_ok_at = time.time()
+
+    def record_raised(self, error: NodeError) -> None:
+        """The node answered, but the job raised: note it without taking the node out."""
+        self.stats.last_error = error.reason
+        self.stats.last_error_at = time.time()
 
     def record_failure(self, error: NodeError) -> None:
         self.stats.healthy = False

@@ -199,10 +199,7 @@ def parse_generation(
     width = reader.integer("width", 512, minimum=1, maximum=limits.max_width)
     height = reader.integer("height", 512, minimum=1, maximum=limits.max_height)
     if kind == "txt2img":
-        unbounded = -(2**63)  # the webui accepts any value here; only the top is bounded
-        reader.integer("hr_second_pass_steps", 0, minimum=unbounded, maximum=limits.max_steps)
-        reader.integer("hr_resize_x", 0, minimum=unbounded, maximum=limits.max_width)
-        reader.integer("hr_resize_y", 0, minimum=unbounded, maximum=limits.max_height)
+        _check_hires(reader, width, height, limits)
     send_images = reader.boolean("send_images", True)
     save_images = reader.boolean("save_images", False)
     reader.string("prompt")
@@ -255,6 +252,27 @@ def parse_generation(
         height=height,
         echo={key: _echo(body, key, default) for key, default in _REWRITTEN.items()},
     )
+
+
+def _check_hires(reader: _FieldReader, width: int, height: int, limits: InputLimits) -> None:
+    """Hires fix: its steps and the size it upscales to stay within the bounds too."""
+    unbounded = -(2**63)  # the webui accepts any value here; only the top is bounded
+    reader.integer("hr_second_pass_steps", 0, minimum=unbounded, maximum=limits.max_steps)
+    resize_x = reader.integer("hr_resize_x", 0, minimum=unbounded, maximum=limits.max_width)
+    resize_y = reader.integer("hr_resize_y", 0, minimum=unbounded, maximum=limits.max_height)
+    if not _as_bool(reader.body.get("enable_hr", False)) or resize_x or resize_y:
+        return
+    scale = reader.number("hr_scale", 2.0)
+    if width * scale > limits.max_width or height * scale > limits.max_height:
+        limit = min(limits.max_width / width, limits.max_height / height)
+        reader.errors.append(
+            validation_error(
+                ["body", "hr_scale"],
+                f"ensure this value is less than or equal to {limit:g}",
+                "value_error.number.not_le",
+                limit_value=limit,
+            )
+        )
 
 
 # Fields node_body() rewrites, with the webui's defaults for when the client left them out.

@@ -25,6 +25,7 @@ from sdproxy.errors import (
     GenerationFailed,
     NodeBadResponse,
     NodeError,
+    NodeRaised,
     NodeRejected,
     NoNodeAvailable,
     RequestTimeout,
@@ -57,6 +58,7 @@ class Run:
     remaining: int = 0
     redispatches: int = 0
     failures: dict[str, str] = field(default_factory=dict)
+    raised: set[str] = field(default_factory=set)  # nodes on which a job of this run raised
     error: SdproxyError | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -156,6 +158,10 @@ class Lane:
             # The node is fine; the request is not. Every node would say the same.
             client.record_success()
             run.fail(exc)
+        except NodeRaised as exc:
+            log.info("node %s raised on images %s..: %s", client.name, chunk.start, exc.reason)
+            client.record_raised(exc)
+            self._cluster.retry_elsewhere(job, exc)
         except NodeError as exc:
             log.warning("node %s failed images %s..: %s", client.name, chunk.start, exc.reason)
             client.record_failure(exc)
@@ -250,6 +256,27 @@ class Cluster:
                     job.chunk.images // unit, self._capacities(healthy), job.chunk.start // unit
                 )
                 self._queue(run, shares)
+
+    def retry_elsewhere(self, failed: Job, error: NodeRaised) -> None:
+        """A job raised on a node that is up: try a node it has not raised on, once.
+
+        If a second node raises too, or no other node is healthy, the request is at fault.
+        """
+        run = failed.run
+        run.raised.add(error.node)
+        others = [c for c in self.healthy_clients() if c.name not in run.raised]
+        if run.finished:
+            return
+        if len(run.raised) >= 2 or not others:
+            run.fail(error)
+        elif failed.whole:
+            self.lanes[others[0].name].submit(failed)
+        else:
+            unit = run.request.unit_size
+            shares = plan_split(
+                failed.chunk.images // unit, self._capacities(others), failed.chunk.start // unit
+            )
+            self._queue(run, shares)
 
     def _queue(self, run: Run, shares: Iterable[Share]) -> None:
         for share in shares:

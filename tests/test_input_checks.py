@@ -70,6 +70,15 @@ class TestBounds:
             "ctx": {"limit_value": limit},
         }
 
+    def test_hires_target_within_bounds(self) -> None:
+        """With enable_hr, width x hr_scale must fit too; hr_resize_* replace the scale."""
+        (error,) = errors_of({"enable_hr": True, "width": 512, "height": 512, "hr_scale": 2})
+        assert error["loc"] == ["body", "hr_scale"]
+        assert error["ctx"] == {"limit_value": 1.5}
+        parse({"enable_hr": True, "width": 512, "height": 512, "hr_scale": 1.5})
+        parse({"enable_hr": False, "width": 512, "height": 512, "hr_scale": 100})
+        parse({"enable_hr": "yes", "width": 512, "height": 512, "hr_scale": 9, "hr_resize_x": 900})
+
     def test_at_bound_is_accepted(self) -> None:
         """The bound itself is allowed."""
         req = parse({"width": 1024, "height": 768, "steps": 150})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
@@ -13,9 +14,10 @@ import aiohttp
 import pytest
 from PIL import Image
 
-from sdproxy.fakewebui import FakeNodeSettings
+from sdproxy.fakewebui import FakeNodeSettings, Fault
 from tests.support import RunningNode, fake_nodes, post_json, proxy
 
+SMALL = {"width": 64, "height": 64, "steps": 20}
 WAIT_S = 30  # generous: the machine is shared; nothing here should take more than a moment
 
 
@@ -177,9 +179,9 @@ class TestImagesBeforeFanOut:
             assert answer["detail"][0]["loc"] == ["body", "init_images", 0]
             assert answer["detail"][0]["type"] == "value_error.url.not_allowed"
             status, answer, _ = await img2img(nodes, body, allow_image_urls=True)
-            # The fake node, like the webui, fails to fetch it and says so with its own error.
-            assert status != 422
-            assert "url" in str(answer).lower()
+            # It reached the node, which (like the webui) fails to fetch it: its own body.
+            assert status == 422
+            assert answer["detail"] == "Invalid image url"
 
     async def test_oversized_request_is_422(self) -> None:
         """width, height and steps over the configured bounds never reach a node."""
@@ -189,3 +191,37 @@ class TestImagesBeforeFanOut:
         assert status == 422
         assert [e["loc"] for e in answer["detail"]] == [["body", "steps"], ["body", "width"]]
         assert nodes[0].node.images_rendered == 0
+
+
+class TestNodeRaises:
+    """A node that answers with the webui's exception body is up; the request may be at fault."""
+
+    async def test_request_raising_everywhere_is_422_and_nodes_stay_up(self) -> None:
+        """An unknown override_settings key: the node's KeyError body with 422, nodes healthy."""
+        body = {"override_settings": {"no_such_option": 1}, "batch_size": 4, **SMALL}
+        async with (
+            fake_nodes(FakeNodeSettings(name="a"), FakeNodeSettings(name="b")) as nodes,
+            proxy(nodes) as url,
+            aiohttp.ClientSession() as session,
+        ):
+            status, answer, _ = await post_json(session, f"{url}/sdapi/v1/txt2img", body)
+            assert status == 422
+            assert answer["error"] == "KeyError"
+            assert "no_such_option" in answer["errors"]
+            async with session.get(f"{url}/cluster/status") as resp:
+                cluster = await resp.json()
+            assert [n["healthy"] for n in cluster["nodes"]] == [True, True]
+            status, answer, _ = await post_json(session, f"{url}/sdapi/v1/txt2img", SMALL)
+            assert status == 200
+
+    async def test_one_node_raising_is_retried_elsewhere(self) -> None:
+        """A node whose jobs raise loses its share to another node; no image is lost."""
+        async with fake_nodes(FakeNodeSettings(name="a"), FakeNodeSettings(name="b")) as nodes:
+            nodes[0].node.settings.fault = Fault(mode="error500")
+            async with proxy(nodes) as url, aiohttp.ClientSession() as session:
+                body = {"batch_size": 2, "n_iter": 3, "seed": 40, **SMALL}
+                status, answer, headers = await post_json(session, f"{url}/sdapi/v1/txt2img", body)
+        assert status == 200, answer
+        assert len(answer["images"]) == 6
+        assert json.loads(answer["info"])["all_seeds"] == list(range(40, 46))
+        assert {share.split(":")[0] for share in headers["X-Sdproxy-Shares"].split(",")} == {"b"}
