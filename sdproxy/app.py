@@ -30,6 +30,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except SdproxyError as exc:
         return json_response(exc.body(), status=exc.status, headers=exc.headers())
+    except web.RequestPayloadError:
+        # The body could not be read: bad chunking, or a Content-Encoding it does not have.
+        body = webui_error_body("HTTPException", detail="There was an error parsing the body")
+        return json_response(body, status=400)
     except web.HTTPRequestEntityTooLarge:
         error = body_too_large(request.app[settings_key].server)
         return json_response(error.body(), status=error.status)

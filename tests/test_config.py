@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 import trustme
+from pydantic import BaseModel
 
-from sdproxy.config import load_settings
+from sdproxy.config import NodeSettings, SchedulerSettings, ServerSettings, load_settings
 from sdproxy.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -155,3 +156,14 @@ class TestSecretsInConfig:
         assert SECRET not in str(caught.value)
         assert caught.value.__cause__ is None
         assert caught.value.__suppress_context__
+
+
+class TestExampleDocumentsEverything:
+    """config.example.toml names every option, so users can find each one."""
+
+    @pytest.mark.parametrize("section", [ServerSettings, SchedulerSettings, NodeSettings])
+    def test_every_option_in_example(self, section: type[BaseModel]) -> None:
+        """Each field appears as a key (set or commented out) in the example."""
+        text = (ROOT / "config.example.toml").read_text()
+        missing = [name for name in section.model_fields if f"{name} =" not in text]
+        assert missing == []
