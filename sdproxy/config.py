@@ -7,7 +7,7 @@ import ssl
 import tomllib
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AnyHttpUrl,
@@ -54,6 +54,7 @@ class ServerSettings(_Section):
     max_headers: Annotated[int, Field(ge=8)] = 128
     keepalive_timeout_s: Annotated[float, Field(gt=0)] = 30.0
     body_timeout_s: Annotated[float, Field(gt=0)] = 300.0
+    log_format: Literal["text", "json"] = "text"
 
     @field_validator("api_auth")
     @classmethod
@@ -94,6 +95,16 @@ class SchedulerSettings(_Section):
     max_redispatches: Annotated[int, Field(ge=0)] = 3
     health_interval_s: Annotated[float, Field(gt=0)] = 5.0
     health_timeout_s: Annotated[float, Field(gt=0)] = 3.0
+
+
+class AutosaveSettings(_Section):
+    """Where every image returned to a client is also written as PNG ("" = off)."""
+
+    dir: str = ""
+
+    @property
+    def path(self) -> Path | None:
+        return Path(self.dir) if self.dir.strip() else None
 
 
 class NodeSettings(_Section):
@@ -173,6 +184,7 @@ class Settings(BaseSettings):
 
     server: ServerSettings = ServerSettings()
     scheduler: SchedulerSettings = SchedulerSettings()
+    autosave: AutosaveSettings = AutosaveSettings()
     nodes: Annotated[list[NodeSettings], Field(min_length=1)]
 
     @model_validator(mode="after")

@@ -171,8 +171,9 @@ class NodeRaised(NodeError):
 
     Many such errors come from the request (an unknown override_settings key, a null
     cfg_scale, a missing upscaler), some from the node (out of memory). The scheduler tries
-    another node; when a second node raises too, or none is left, the request is at fault and
-    the client gets the node's own body with 422 (sdproxy answers 5xx only for node trouble).
+    another node: if it renders the images, the first node was at fault and is taken out; if
+    it raises too, or none is left, the request is at fault and the client gets the node's own
+    body with 422 (sdproxy answers 5xx only for node trouble).
     """
 
     status = 422

@@ -8,9 +8,11 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from sdproxy import __version__, images
-from sdproxy.appkeys import cluster_key, settings_key
+from sdproxy import __version__, images, metrics
+from sdproxy.accesslog import Outcome, outcome_key
+from sdproxy.appkeys import autosave_key, cluster_key, metrics_key, settings_key
 from sdproxy.config import ServerSettings
+from sdproxy.dashboard import cluster_page, in_flight
 from sdproxy.errors import BodyTimeout, RequestValidationError, validation_error
 from sdproxy.request import (
     GenerationRequest,
@@ -105,7 +107,11 @@ async def _generate(request: web.Request, kind: Kind) -> web.Response:
     await check_images(generation, server)
     result = await request.app[cluster_key].generate(generation)
     headers = {SHARES_HEADER: format_shares(result.shares)} if result.shares else None
-    return json_response(result.body, headers=headers)
+    response = json_response(result.body, headers=headers)
+    request[outcome_key] = Outcome(generation.total_images, result.shares)
+    if autosave_key in request.app:
+        request.app[autosave_key].submit(result.body, result.shares)
+    return response
 
 
 async def txt2img(request: web.Request) -> web.Response:
@@ -127,6 +133,7 @@ async def cluster_status(request: web.Request) -> web.Response:
                 "url": client.settings.base_url,
                 "healthy": stats.healthy,
                 "weight": client.settings.weight,
+                "speed_estimate": metrics.speed_estimate(client),
                 "max_batch_size": client.settings.max_batch_size,
                 "images_rendered": stats.images_rendered,
                 "requests_sent": stats.requests_sent,
@@ -136,10 +143,17 @@ async def cluster_status(request: web.Request) -> web.Response:
                 "last_error_at": stats.last_error_at,
             }
         )
-    return json_response({"version": __version__, "nodes": nodes})
+    return json_response({"version": __version__, "nodes": nodes, "in_flight": in_flight(cluster)})
+
+
+async def prometheus_metrics(request: web.Request) -> web.Response:
+    text = request.app[metrics_key].render(request.app.get(cluster_key))
+    return web.Response(body=text, headers={"Content-Type": metrics.CONTENT_TYPE})
 
 
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/sdapi/v1/txt2img", txt2img)
     app.router.add_post("/sdapi/v1/img2img", img2img)
     app.router.add_get("/cluster/status", cluster_status)
+    app.router.add_get("/cluster", cluster_page)
+    app.router.add_get("/metrics", prometheus_metrics)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -31,7 +32,9 @@ from sdproxy.errors import (
     RequestTimeout,
     SdproxyError,
 )
+from sdproxy.logs import request_id_var
 from sdproxy.merge import BadNodeResult, Merged, Part, merge_parts, read_part, with_grid
+from sdproxy.metrics import Metrics
 from sdproxy.nodes import NodeClient, probe_all
 from sdproxy.planner import Chunk, NodeCapacity, Share, chunk_share, plan_split
 from sdproxy.request import GenerationRequest, Seeds, node_body, resolve_seeds
@@ -61,6 +64,8 @@ class Run:
     raised: set[str] = field(default_factory=set)  # nodes on which a job of this run raised
     error: SdproxyError | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    request_id: str | None = field(default_factory=request_id_var.get)
+    started_at: float = field(default_factory=time.time)  # Unix time, for the dashboard
 
     @property
     def finished(self) -> bool:
@@ -92,6 +97,9 @@ class Job:
     run: Run
     chunk: Chunk
     whole: bool = False
+    # The node this job's images raised on before (NodeRaised): if they render here, that
+    # node, not the request, was at fault, and it is taken out.
+    blame: tuple[NodeClient, NodeRaised] | None = None
 
 
 class Lane:
@@ -142,11 +150,14 @@ class Lane:
         else:
             body = node_body(request, run.seeds, chunk.start, chunk.batch_size, chunk.n_iter)
         timeout_s = self._cluster.settings.scheduler.share_timeout_s
+        metrics, started = self._cluster.metrics, time.perf_counter()
         try:
             response = await client.generate(request.kind, body, timeout_s)
             if job.whole:
                 run.complete_whole(response)
                 client.record_success()
+                metrics.observe_job(client.name, "ok", time.perf_counter() - started)
+                self._cluster.blame(job)
                 return
             try:
                 part = read_part(
@@ -157,18 +168,23 @@ class Lane:
         except NodeRejected as exc:
             # The node is fine; the request is not. Every node would say the same.
             client.record_success()
+            metrics.observe_job(client.name, "rejected", time.perf_counter() - started)
             run.fail(exc)
         except NodeRaised as exc:
             log.info("node %s raised on images %s..: %s", client.name, chunk.start, exc.reason)
             client.record_raised(exc)
-            self._cluster.retry_elsewhere(job, exc)
+            metrics.observe_job(client.name, "error", time.perf_counter() - started)
+            self._cluster.retry_elsewhere(job, client, exc)
         except NodeError as exc:
             log.warning("node %s failed images %s..: %s", client.name, chunk.start, exc.reason)
             client.record_failure(exc)
+            metrics.observe_job(client.name, "error", time.perf_counter() - started)
             self._cluster.failover(self, job, exc)
         else:
             client.record_success(part.count)
+            metrics.observe_job(client.name, "ok", time.perf_counter() - started, part.count)
             run.add(part)
+            self._cluster.blame(job)
 
 
 class Cluster:
@@ -179,8 +195,11 @@ class Cluster:
         settings: Settings,
         session: aiohttp.ClientSession,
         rng: random.Random | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.runs: set[Run] = set()  # requests in flight, for /cluster/status
         self.clients = [NodeClient(session, node, settings.scheduler) for node in settings.nodes]
         self.lanes = {client.name: Lane(client, self) for client in self.clients}
         self._rng = rng or random.SystemRandom()
@@ -221,11 +240,14 @@ class Cluster:
             node = min(healthy, key=lambda c: self.lanes[c.name].queued_images / _weight(c))
             full = Chunk(0, request.batch_size, request.n_iter)
             self.lanes[node.name].submit(Job(run, full, whole=True))
+        self.runs.add(run)
         try:
             async with asyncio.timeout(self.settings.scheduler.request_timeout_s):
                 await run.done.wait()
         except TimeoutError:
             run.fail(RequestTimeout("the request took longer than request_timeout_s"))
+        finally:
+            self.runs.discard(run)
         if run.error is not None:
             raise run.error
         if not request.splittable:
@@ -238,6 +260,7 @@ class Cluster:
     def failover(self, lane: Lane, failed: Job, error: NodeError) -> None:
         """Plan a failed job, and every job waiting behind it, onto the healthy nodes."""
         failed.run.failures[error.node] = error.reason
+        self.metrics.observe_failover(error.node)
         for job in [failed, *lane.take_pending()]:
             run = job.run
             if run.finished:
@@ -257,10 +280,12 @@ class Cluster:
                 )
                 self._queue(run, shares)
 
-    def retry_elsewhere(self, failed: Job, error: NodeRaised) -> None:
+    def retry_elsewhere(self, failed: Job, client: NodeClient, error: NodeRaised) -> None:
         """A job raised on a node that is up: try a node it has not raised on, once.
 
-        If a second node raises too, or no other node is healthy, the request is at fault.
+        If a second node raises too, or no other node is healthy, the request is at fault
+        (422 with the node's body) and no node is taken out for it. If another node renders
+        the images, the first node is (see blame()).
         """
         run = failed.run
         run.raised.add(error.node)
@@ -269,19 +294,33 @@ class Cluster:
             return
         if len(run.raised) >= 2 or not others:
             run.fail(error)
-        elif failed.whole:
+            return
+        self.metrics.observe_failover(error.node)
+        if failed.whole:
+            failed.blame = (client, error)
             self.lanes[others[0].name].submit(failed)
         else:
             unit = run.request.unit_size
             shares = plan_split(
                 failed.chunk.images // unit, self._capacities(others), failed.chunk.start // unit
             )
-            self._queue(run, shares)
+            self._queue(run, shares, blame=(client, error))
 
-    def _queue(self, run: Run, shares: Iterable[Share]) -> None:
+    def blame(self, job: Job) -> None:
+        """Images that raised on one node rendered on another: take the first node out."""
+        if job.blame is None:
+            return
+        client, error = job.blame
+        if client.stats.healthy:
+            log.warning("node %s raised on work another node rendered: taken out", client.name)
+            client.record_failure(error)
+
+    def _queue(
+        self, run: Run, shares: Iterable[Share], blame: tuple[NodeClient, NodeRaised] | None = None
+    ) -> None:
         for share in shares:
             for chunk in self._chunks(run.request, share):
-                self.lanes[share.node].submit(Job(run, chunk))
+                self.lanes[share.node].submit(Job(run, chunk, blame=blame))
 
     def _chunks(self, request: GenerationRequest, share: Share) -> list[Chunk]:
         """Cut a share of units into node requests.

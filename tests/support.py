@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -77,3 +78,17 @@ def pixels(image_b64: str) -> bytes:
     """The decoded pixel data of a base64 image, for pixel-exact comparisons."""
     with Image.open(io.BytesIO(base64.b64decode(image_b64))) as image:
         return image.convert("RGB").tobytes()
+
+
+async def wait_until(
+    condition: Callable[[], bool | Awaitable[bool]], what: str, timeout_s: float = 20.0
+) -> None:
+    """Poll ``condition`` until it holds: state that changes on another task's clock."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        result = condition()
+        if result if isinstance(result, bool) else await result:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
