@@ -9,16 +9,19 @@
     │   ├── BodyTooLarge            413
     │   ├── BodyTimeout             408: the body did not arrive within body_timeout_s
     │   ├── NotAuthenticated        401, the webui's --api-auth bodies
-    │   └── NotFound                404
+    │   ├── NotFound                404
+    │   ├── NotSupported            501: node-local actions (create/*, train/*)
+    │   └── UnknownCheckpoint       422 (the webui's 500 body): POST options names no model
     ├── NoNodeAvailable             503: no healthy node can take the work
     ├── RequestTimeout              504: the request's overall deadline passed
     ├── GenerationFailed            502: shares failed and no node could take them over
+    ├── NodesFailed                 502: a call sent to every node failed on some
     └── NodeError                   one call to one node failed
         ├── NodeUnreachable         refused, reset, DNS: nothing usable came back
         ├── NodeTimeout             the node did not answer within the deadline
         ├── NodeBadResponse         5xx, malformed or incomplete JSON
+        │   └── NodeRaised          500 with the webui's exception body: the job raised (422)
         ├── NodeAuthFailed          401/403: the node refused sdproxy's own credentials
-        ├── NodeRaised              500 with the webui's exception body: the job raised
         └── NodeRejected            the node answered 4xx: the request is at fault
 
 Only ``nodes.py`` catches aiohttp's and asyncio's errors and raises ``NodeError``s from them; only
@@ -103,6 +106,27 @@ class NotFound(ClientError):
         return webui_error_body("HTTPException", detail=str(self))
 
 
+class NotSupported(ClientError):
+    """sdproxy refuses this on purpose: it would change one node's local state."""
+
+    status = 501
+
+    def body(self) -> dict[str, Any]:
+        return webui_error_body("HTTPException", detail=str(self))
+
+
+class UnknownCheckpoint(ClientError):
+    """POST /options names a checkpoint no healthy node has (the webui's RuntimeError body).
+
+    The webui answers it with 500; it is the client's input, so sdproxy answers 422.
+    """
+
+    status = 422
+
+    def body(self) -> dict[str, Any]:
+        return webui_error_body("RuntimeError", errors=str(self))
+
+
 class NoNodeAvailable(SdproxyError):
     """No healthy node can take the work right now."""
 
@@ -124,6 +148,21 @@ class RequestTimeout(SdproxyError):
 
 class GenerationFailed(SdproxyError):
     """Shares of a request failed and no healthy node could take them over."""
+
+    status = 502
+
+    def __init__(self, message: str, failures: dict[str, str]) -> None:
+        super().__init__(message)
+        self.failures = failures
+
+    def body(self) -> dict[str, Any]:
+        body = super().body()
+        body["nodes"] = self.failures
+        return body
+
+
+class NodesFailed(SdproxyError):
+    """A call sent to several nodes failed on some of them; the body names them."""
 
     status = 502
 
@@ -159,32 +198,46 @@ class NodeTimeout(NodeError):
 
 
 class NodeBadResponse(NodeError):
-    """The node answered with a server error or a body sdproxy cannot use."""
+    """The node answered with a server error or a body sdproxy cannot use.
+
+    ``answered`` and ``answer`` keep the node's own status and JSON body when it sent an error
+    body, so one-node calls can pass the webui's own 500 on (e.g. KeyError for an unknown option).
+    """
+
+    def __init__(
+        self, node: str, message: str, *, answered: int | None = None, answer: Any = None
+    ) -> None:
+        super().__init__(node, message)
+        self.answered = answered
+        self.answer = answer
+        if answered is not None and isinstance(answer, dict):
+            self.status = answered
+
+    def body(self) -> dict[str, Any]:
+        if self.answered is not None and isinstance(self.answer, dict):
+            return self.answer
+        return super().body()
 
 
 class NodeAuthFailed(NodeError):
     """The node refused sdproxy's credentials: a configuration problem, not the client's."""
 
 
-class NodeRaised(NodeError):
+class NodeRaised(NodeBadResponse):
     """The node answered 500 with the webui's exception body: it is up, the job raised.
 
-    Many such errors come from the request (an unknown override_settings key, a null
-    cfg_scale, a missing upscaler), some from the node (out of memory). The scheduler tries
-    another node: if it renders the images, the first node was at fault and is taken out; if
-    it raises too, or none is left, the request is at fault and the client gets the node's own
-    body with 422 (sdproxy answers 5xx only for node trouble).
+    Many such errors come from the request (an unknown override_settings key or option, a null
+    cfg_scale, a missing upscaler), some from the node (out of memory). For generations the
+    scheduler tries another node: if it renders the images, the first node was at fault and is
+    taken out; if it raises too, or none is left, the request is at fault. The client then gets
+    the node's own body with 422: sdproxy answers 5xx only for node trouble, never for input.
     """
-
-    status = 422
 
     def __init__(self, node: str, body: dict[str, Any]) -> None:
         error = body.get("errors") or body.get("detail") or "an exception"
-        super().__init__(node, f"raised {body.get('error')}: {str(error)[:200]}")
-        self.node_body = body
-
-    def body(self) -> dict[str, Any]:
-        return self.node_body
+        message = f"raised {body.get('error')}: {str(error)[:200]}"
+        super().__init__(node, message, answered=500, answer=body)
+        self.status = 422
 
 
 class NodeRejected(NodeError):

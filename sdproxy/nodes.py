@@ -137,7 +137,12 @@ class NodeClient:
         if status == 500 and isinstance(payload, dict) and payload.keys() >= _WEBUI_ERROR_KEYS:
             raise NodeRaised(self.name, payload)
         if status >= 500 or status < 200 or status >= 300:
-            raise NodeBadResponse(self.name, f"answered {status}: {_error_text(payload)}")
+            raise NodeBadResponse(
+                self.name,
+                f"answered {status}: {_error_text(payload)}",
+                answered=status,
+                answer=payload,
+            )
         return payload
 
     def record_success(self, images: int = 0) -> None:

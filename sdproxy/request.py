@@ -260,7 +260,7 @@ def _check_hires(reader: _FieldReader, width: int, height: int, limits: InputLim
     reader.integer("hr_second_pass_steps", 0, minimum=unbounded, maximum=limits.max_steps)
     resize_x = reader.integer("hr_resize_x", 0, minimum=unbounded, maximum=limits.max_width)
     resize_y = reader.integer("hr_resize_y", 0, minimum=unbounded, maximum=limits.max_height)
-    if not _as_bool(reader.body.get("enable_hr", False)) or resize_x or resize_y:
+    if not parse_bool(reader.body.get("enable_hr", False)) or resize_x or resize_y:
         return
     scale = reader.number("hr_scale", 2.0)
     if width * scale > limits.max_width or height * scale > limits.max_height:
@@ -346,7 +346,7 @@ class _FieldReader:
         if value is None:
             self._fail(name, "none is not an allowed value", "type_error.none.not_allowed")
             return default
-        result = _as_bool(value)
+        result = parse_bool(value)
         if result is None:
             self._fail(name, "value could not be parsed to a boolean", "type_error.bool")
             return default
@@ -411,7 +411,8 @@ _TRUE = {"1", "on", "t", "true", "y", "yes"}
 _FALSE = {"0", "off", "f", "false", "n", "no"}
 
 
-def _as_bool(value: Any) -> bool | None:
+def parse_bool(value: Any) -> bool | None:
+    """A boolean as pydantic 1 reads one ("yes", 1, "false"...), or None when it is not one."""
     if isinstance(value, bool):
         return value
     if isinstance(value, int) and value in (0, 1):

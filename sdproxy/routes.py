@@ -115,14 +115,17 @@ async def _generate(request: web.Request, kind: Kind) -> web.Response:
 
 
 async def txt2img(request: web.Request) -> web.Response:
+    """POST /sdapi/v1/txt2img, split over the healthy nodes and merged."""
     return await _generate(request, "txt2img")
 
 
 async def img2img(request: web.Request) -> web.Response:
+    """POST /sdapi/v1/img2img, split over the healthy nodes and merged."""
     return await _generate(request, "img2img")
 
 
 async def cluster_status(request: web.Request) -> web.Response:
+    """GET /cluster/status: every node, its health and what it rendered."""
     cluster = request.app[cluster_key]
     nodes = []
     for client in cluster.clients:
@@ -152,8 +155,13 @@ async def prometheus_metrics(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
+    # Imported here: those modules build on this one's helpers (json_response, read_json).
+    from sdproxy import openapi, webui_routes
+
     app.router.add_post("/sdapi/v1/txt2img", txt2img)
     app.router.add_post("/sdapi/v1/img2img", img2img)
     app.router.add_get("/cluster/status", cluster_status)
     app.router.add_get("/cluster", cluster_page)
     app.router.add_get("/metrics", prometheus_metrics)
+    webui_routes.add_webui_routes(app)
+    app.router.add_get("/openapi.json", openapi.openapi_json, allow_head=False)

@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 
 from sdproxy import images
+from sdproxy.checkpoints import ModelCatalog
 from sdproxy.config import Settings
 from sdproxy.errors import (
     GenerationFailed,
@@ -66,16 +67,23 @@ class Run:
     done: asyncio.Event = field(default_factory=asyncio.Event)
     request_id: str | None = field(default_factory=request_id_var.get)
     started_at: float = field(default_factory=time.time)  # Unix time, for the dashboard
+    # Interrupted by the client: short answers are the images finished so far, not failures.
+    interrupted: bool = False
 
     @property
     def finished(self) -> bool:
         return self.done.is_set()
 
-    def add(self, part: Part) -> None:
+    def add(self, part: Part, covered: int) -> None:
+        """A node's answer for ``covered`` images (``part`` may hold fewer when interrupted)."""
         if self.finished:
             return
         self.parts.append(part)
-        self.remaining -= part.count
+        self.drop(covered)
+
+    def drop(self, images: int) -> None:
+        """Stop waiting for ``images`` images (rendered, or given up after an interrupt)."""
+        self.remaining -= images
         if self.remaining <= 0:
             self.done.set()
 
@@ -161,7 +169,12 @@ class Lane:
                 return
             try:
                 part = read_part(
-                    client.name, chunk.start, chunk.images, response, request.send_images
+                    client.name,
+                    chunk.start,
+                    chunk.images,
+                    response,
+                    request.send_images,
+                    allow_short=run.interrupted,
                 )
             except BadNodeResult as exc:
                 raise NodeBadResponse(client.name, str(exc)) from exc
@@ -183,7 +196,7 @@ class Lane:
         else:
             client.record_success(part.count)
             metrics.observe_job(client.name, "ok", time.perf_counter() - started, part.count)
-            run.add(part)
+            run.add(part, chunk.images)
             self._cluster.blame(job)
 
 
@@ -202,12 +215,16 @@ class Cluster:
         self.runs: set[Run] = set()  # requests in flight, for /cluster/status
         self.clients = [NodeClient(session, node, settings.scheduler) for node in settings.nodes]
         self.lanes = {client.name: Lane(client, self) for client in self.clients}
+        self.models = ModelCatalog(self.clients, settings.api)
         self._rng = rng or random.SystemRandom()
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         """Probe every node once, then start the lanes and the health poller."""
         await probe_all(self.clients, self.settings.scheduler.health_timeout_s)
+        async with asyncio.TaskGroup() as group:
+            for client in self.healthy_clients():
+                group.create_task(self.models.sync(client))
         for lane in self.lanes.values():
             self._tasks.append(asyncio.create_task(lane.run_forever(), name=lane.client.name))
         self._tasks.append(asyncio.create_task(self._poll_health(), name="health"))
@@ -218,6 +235,7 @@ class Cluster:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)  # all cancelled on purpose
         self._tasks.clear()
+        await self.models.aclose()
         for lane in self.lanes.values():
             for job in lane.take_pending():
                 job.run.fail(NoNodeAvailable("sdproxy is shutting down"))
@@ -229,10 +247,7 @@ class Cluster:
         """Render ``request`` on the healthy nodes and merge the answers into one."""
         seeds = resolve_seeds(request, self._rng)
         run = Run(request, seeds, remaining=request.total_images)
-        healthy = self.healthy_clients()
-        if not healthy:
-            why = "; ".join(f"{c.name}: {c.stats.last_error or 'down'}" for c in self.clients)
-            raise NoNodeAvailable(f"no healthy node ({why})")
+        healthy = await self._eligible(request)
         if request.splittable:
             shares = plan_split(request.units, self._capacities(healthy))
             self._queue(run, shares)
@@ -252,7 +267,10 @@ class Cluster:
             raise run.error
         if not request.splittable:
             return GenerationResult(run.whole, [])
-        merged = merge_parts(request, seeds, run.parts)
+        if not run.parts:  # interrupted, and the nodes it was on failed
+            why = "interrupted, and no node returned an image"
+            raise GenerationFailed(f"generation failed: {why}", failures=dict(run.failures))
+        merged = merge_parts(request, seeds, run.parts, partial=run.interrupted)
         if merged.grid_wanted:
             merged = await self._add_grid(merged, request)
         return GenerationResult(merged.to_json_dict(), merged.shares)
@@ -265,9 +283,15 @@ class Cluster:
             run = job.run
             if run.finished:
                 continue
+            if run.interrupted and not job.whole:  # the client wants what is done, not the rest
+                run.drop(job.chunk.images)
+                continue
             if job is failed:
                 run.redispatches += 1
-            healthy = self.healthy_clients()
+            try:
+                healthy = self.models.select(run.request, self.healthy_clients())
+            except SdproxyError:
+                healthy = []
             if job.whole and healthy:
                 self.lanes[healthy[0].name].submit(job)
             elif run.redispatches > self.settings.scheduler.max_redispatches or not healthy:
@@ -280,6 +304,43 @@ class Cluster:
                 )
                 self._queue(run, shares)
 
+    async def _eligible(self, request: GenerationRequest) -> list[NodeClient]:
+        """The healthy nodes that may render ``request`` (model-aware routing)."""
+        healthy = self.healthy_clients()
+        if healthy:
+            await self.models.prepare(request, healthy)
+            healthy = self.healthy_clients()
+        if not healthy:
+            why = "; ".join(f"{c.name}: {c.stats.last_error or 'down'}" for c in self.clients)
+            raise NoNodeAvailable(f"no healthy node ({why})")
+        return self.models.select(request, healthy)
+
+    def running_jobs(self) -> list[tuple[Lane, Job]]:
+        """Every job a node is rendering right now for a request still in flight."""
+        return [
+            (lane, lane.current)
+            for lane in self.lanes.values()
+            if lane.current is not None and not lane.current.run.finished
+        ]
+
+    def interrupt_running(self) -> list[NodeClient]:
+        """Mark the running requests interrupted and drop their waiting jobs.
+
+        Returns the nodes to send the interrupt to. Requests only queued (not rendering
+        anywhere yet) go on, as requests waiting on a webui's queue lock do.
+        """
+        running = self.running_jobs()
+        runs = {job.run for _, job in running}
+        for run in runs:
+            run.interrupted = True
+        for lane in self.lanes.values():
+            kept = [job for job in lane.pending if job.run not in runs]
+            for job in lane.pending:
+                if job.run in runs:
+                    job.run.drop(job.chunk.images)
+            lane.pending = deque(kept)
+        return [lane.client for lane, _ in running]
+
     def retry_elsewhere(self, failed: Job, client: NodeClient, error: NodeRaised) -> None:
         """A job raised on a node that is up: try a node it has not raised on, once.
 
@@ -289,9 +350,16 @@ class Cluster:
         """
         run = failed.run
         run.raised.add(error.node)
-        others = [c for c in self.healthy_clients() if c.name not in run.raised]
         if run.finished:
             return
+        if run.interrupted and not failed.whole:  # as in failover(): only what is done counts
+            run.drop(failed.chunk.images)
+            return
+        try:
+            eligible = self.models.select(run.request, self.healthy_clients())
+        except SdproxyError:
+            eligible = []
+        others = [c for c in eligible if c.name not in run.raised]
         if len(run.raised) >= 2 or not others:
             run.fail(error)
             return
@@ -344,7 +412,7 @@ class Cluster:
         if not request.send_images:
             return with_grid(merged, None)
         infotexts = merged.info.get("infotexts") or [None]
-        rendered = merged.images[: request.total_images]  # not the extra images after them
+        rendered = merged.images[: merged.rendered]  # not the extra images after them
         grid = await asyncio.to_thread(images.build_grid, rendered, infotexts[0])
         return with_grid(merged, grid)
 
@@ -353,6 +421,8 @@ class Cluster:
         while True:
             await asyncio.sleep(interval)
             await probe_all(self.clients, self.settings.scheduler.health_timeout_s)
+            # A node back after a failure gets the cluster's checkpoint before any work on it.
+            self.models.sync_stale(self.healthy_clients())
 
 
 def _weight(client: NodeClient) -> float:

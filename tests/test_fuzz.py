@@ -213,7 +213,9 @@ class TestFuzz:
             head = {**head, "Authorization": GOOD_AUTH}
         status = asyncio.run(_send(url, method, path, body, head, query))
         event(f"{method} {path} -> {status}")
-        assert status < 500, (method, path, body, head, query)
+        # 501 is sdproxy's deliberate answer to node-local actions (create/*, train/*).
+        node_local = path.startswith(("/sdapi/v1/create/", "/sdapi/v1/train/"))
+        assert status < 500 or (status == 501 and node_local), (method, path, body, head, query)
 
     def test_still_serving_after_fuzzing(self, target: Target) -> None:
         """After the fuzzing (same module, runs after it) both proxies answer and nodes are up."""
