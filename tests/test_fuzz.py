@@ -17,6 +17,7 @@ from aiohttp import web
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
+from schemathesis.core.result import Ok
 
 from sdproxy.app import create_app
 from sdproxy.cli import start_site
@@ -189,7 +190,10 @@ class TestSchemathesis:
         strategy is driven by hypothesis directly.
         """
         schema = schemathesis.openapi.from_url(f"{target.open_url}/openapi.json")
-        operations = [result.ok() for result in schema.get_all_operations()]
+        operations = []
+        for result in schema.get_all_operations():
+            assert isinstance(result, Ok), result.err()  # the document itself must load
+            operations.append(result.ok())
         assert any(op.path == "/sdapi/v1/txt2img" for op in operations)
 
         for operation in operations:
@@ -201,7 +205,7 @@ class TestSchemathesis:
                     operation.as_strategy(GenerationMode.NEGATIVE),
                 )
             )
-            def check(case: schemathesis.Case) -> None:
+            def check(case: schemathesis.Case[Any]) -> None:
                 response = case.call(base_url=target.open_url, timeout=CLIENT_TIMEOUT_S)
                 status = response.status_code
                 node_local = case.path.startswith(("/sdapi/v1/create/", "/sdapi/v1/train/"))
