@@ -107,10 +107,21 @@ def image_url_errors(body: dict[str, Any]) -> list[dict[str, Any]]:
             found.extend(["body", name, index] for index, item in enumerate(value) if is_url(item))
         elif is_url(value):
             found.append(["body", name])
-    # Scripts take positional and nested arguments: walk them all (iteratively, any depth).
-    stack: list[tuple[list[str | int], Any]] = [
-        (["body", name], body[name]) for name in SCRIPT_FIELDS if name in body
-    ]
+    # Scripts take positional and nested arguments: walk them all.
+    found.extend(_url_locations([(["body", n], body[n]) for n in SCRIPT_FIELDS if n in body]))
+    return _url_errors(found)
+
+
+def any_url_errors(body: Any) -> list[dict[str, Any]]:
+    """A 422 item for every URL anywhere in ``body``: for routes whose image fields vary
+    (extras, png-info, interrogate, extension routes such as ControlNet's detect)."""
+    return _url_errors(_url_locations([(["body"], body)]))
+
+
+def _url_locations(start: list[tuple[list[str | int], Any]]) -> list[list[str | int]]:
+    """Where URLs sit in nested JSON, walked iteratively (any depth, no recursion)."""
+    found: list[list[str | int]] = []
+    stack = list(start)
     while stack:
         loc, value = stack.pop()
         if isinstance(value, dict):
@@ -119,13 +130,17 @@ def image_url_errors(body: dict[str, Any]) -> list[dict[str, Any]]:
             stack.extend(([*loc, index], item) for index, item in enumerate(value))
         elif is_url(value):
             found.append(loc)
+    return found
+
+
+def _url_errors(locations: list[list[str | int]]) -> list[dict[str, Any]]:
     return [
         validation_error(
             loc,
             "image URLs are not accepted: send the image as base64 or a data URI",
             "value_error.url.not_allowed",
         )
-        for loc in sorted(found, key=str)
+        for loc in sorted(locations, key=str)
     ]
 
 

@@ -225,3 +225,46 @@ class TestNodeRaises:
         assert len(answer["images"]) == 6
         assert json.loads(answer["info"])["all_seeds"] == list(range(40, 46))
         assert {share.split(":")[0] for share in headers["X-Sdproxy-Shares"].split(",")} == {"b"}
+
+
+class TestUrlsOnForwardedRoutes:
+    """One-node work and extension routes refuse URLs anywhere in the body, too."""
+
+    @pytest.mark.parametrize(
+        ("path", "body", "loc"),
+        [
+            ("/sdapi/v1/extra-single-image", {"image": "https://x/a.png"}, ["body", "image"]),
+            ("/sdapi/v1/interrogate", {"image": "http://10.0.0.1/a"}, ["body", "image"]),
+            (
+                "/sdapi/v1/extra-batch-images",
+                {"imageList": [{"data": "http://x/a.png", "name": "a"}]},
+                ["body", "imageList", 0, "data"],
+            ),
+            (
+                "/controlnet/detect",
+                {"controlnet_input_images": ["https://x/b.png"]},
+                ["body", "controlnet_input_images", 0],
+            ),
+        ],
+    )
+    async def test_forwarded_url_is_422(self, path: str, body: Any, loc: list[Any]) -> None:
+        """The URL is named in a 422 and no node is called."""
+        async with (
+            fake_nodes(FakeNodeSettings()) as nodes,
+            proxy(nodes) as url,
+            aiohttp.ClientSession() as session,
+        ):
+            status, answer, _ = await post_json(session, f"{url}{path}", body)
+        assert status == 422
+        assert [e["loc"] for e in answer["detail"]] == [loc]
+
+    async def test_forwarded_url_allowed(self) -> None:
+        """With allow_image_urls the body goes to the node, which answers for itself."""
+        async with (
+            fake_nodes(FakeNodeSettings()) as nodes,
+            proxy(nodes, server={"allow_image_urls": True}) as url,
+            aiohttp.ClientSession() as session,
+        ):
+            body = {"image": "http://127.0.0.1:1/a.png"}
+            status, answer, _ = await post_json(session, f"{url}/sdapi/v1/interrogate", body)
+        assert (status, answer.get("detail")) == (422, "Invalid image url")
