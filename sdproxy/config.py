@@ -81,11 +81,6 @@ class ServerSettings(_Section):
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 1024 * 1024)
 
-    @property
-    def has_credentials(self) -> bool:
-        """Whether clients must authenticate at all."""
-        return self.api_auth is not None or bool(self.api_keys)
-
 
 class SchedulerSettings(_Section):
     """How long sdproxy waits for nodes, and how hard it tries before giving up."""

@@ -34,17 +34,23 @@ def json_response(
     )
 
 
-async def read_json(request: web.Request) -> Any:
-    """The request's JSON body; FastAPI's 422 shapes for a missing or malformed one.
+async def read_body(request: web.Request) -> bytes:
+    """The request's raw body; 408 when it takes longer than ``body_timeout_s`` to arrive.
 
-    A body that takes longer than ``body_timeout_s`` to arrive gets 408.
+    Handlers read bodies only through here (or read_json), so a slow client cannot hold a
+    handler for longer than that.
     """
     timeout_s = request.app[settings_key].server.body_timeout_s
     try:
         async with asyncio.timeout(timeout_s):
-            raw = await request.read()
+            return await request.read()
     except TimeoutError:
         raise BodyTimeout(f"the request body did not arrive within {timeout_s:g} s") from None
+
+
+async def read_json(request: web.Request) -> Any:
+    """The request's JSON body; FastAPI's 422 shapes for a missing or malformed one."""
+    raw = await read_body(request)
     if not raw.strip():
         raise RequestValidationError(
             [validation_error(["body"], "field required", "value_error.missing")]

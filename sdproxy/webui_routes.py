@@ -31,7 +31,7 @@ from sdproxy.fanout import call_each, combined_error, first_answer
 from sdproxy.nodes import NodeClient
 from sdproxy.progress import NodeProgress, aggregate_progress, idle_progress
 from sdproxy.request import any_url_errors, parse_bool
-from sdproxy.routes import json_response, read_json
+from sdproxy.routes import json_response, read_body, read_json
 from sdproxy.scheduler import Cluster
 
 Merge = Callable[[Sequence[Any]], Any]
@@ -323,7 +323,7 @@ def one_node_post(path: str) -> Handler:
 
 async def extension(request: web.Request) -> web.Response:
     """An extension's own route (e.g. /controlnet/model_list), forwarded to one node."""
-    raw = await request.read()
+    raw = await read_body(request)
     body = await read_json(request) if raw.strip() else None
     refuse_urls(request, body)
     path = request.path.lstrip("/")

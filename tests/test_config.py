@@ -117,14 +117,16 @@ class TestSecretsInConfig:
     def test_credentials_from_environment_json_and_variables(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        """SDPROXY_NODES carries node passwords; SDPROXY_SERVER__API_AUTH the client ones."""
+        """SDPROXY_NODES carries node passwords; SDPROXY_SERVER__API_AUTH/API_KEYS the clients'."""
         node = {"name": "z", "url": "http://h:1", "username": "sd", "password": SECRET}
         monkeypatch.setenv("SDPROXY_NODES", f"[{json.dumps(node)}]")
         monkeypatch.setenv("SDPROXY_SERVER__API_AUTH", f"user:{SECRET}")
+        monkeypatch.setenv("SDPROXY_SERVER__API_KEYS", json.dumps([SECRET]))
         settings = load_settings(write(tmp_path, "[server]\nport = 1234\n" + MINIMAL))
         assert settings.server.port == 1234
         assert settings.server.api_auth is not None
         assert settings.server.api_auth.get_secret_value() == f"user:{SECRET}"
+        assert [key.get_secret_value() for key in settings.server.api_keys] == [SECRET]
         password = settings.nodes[0].password
         assert password is not None
         assert password.get_secret_value() == SECRET
