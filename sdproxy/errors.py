@@ -8,6 +8,7 @@
     │   ├── RequestValidationError  422, FastAPI's validation body
     │   ├── BodyTooLarge            413
     │   ├── BodyTimeout             408: the body did not arrive within body_timeout_s
+    │   ├── ClientGone              499 (nginx's code): the client left before its body arrived
     │   ├── NotAuthenticated        401, the webui's --api-auth bodies
     │   ├── NotFound                404
     │   ├── NotSupported            501: node-local actions (create/*, train/*)
@@ -86,6 +87,15 @@ class BodyTimeout(ClientError):
 
     def body(self) -> dict[str, Any]:
         return webui_error_body("HTTPException", detail=str(self))
+
+
+class ClientGone(ClientError):
+    """The client closed the connection before its body arrived; nobody reads the answer.
+
+    It is counted and logged as the client's doing (nginx's 499), not as an error of sdproxy.
+    """
+
+    status = 499
 
 
 class NotAuthenticated(ClientError):

@@ -13,7 +13,7 @@ from sdproxy.accesslog import Outcome, outcome_key
 from sdproxy.appkeys import autosave_key, cluster_key, metrics_key, settings_key
 from sdproxy.config import ServerSettings
 from sdproxy.dashboard import cluster_page, in_flight
-from sdproxy.errors import BodyTimeout, RequestValidationError, validation_error
+from sdproxy.errors import BodyTimeout, ClientGone, RequestValidationError, validation_error
 from sdproxy.request import (
     GenerationRequest,
     InputLimits,
@@ -46,6 +46,8 @@ async def read_body(request: web.Request) -> bytes:
             return await request.read()
     except TimeoutError:
         raise BodyTimeout(f"the request body did not arrive within {timeout_s:g} s") from None
+    except ConnectionResetError:
+        raise ClientGone("the client closed the connection before its body arrived") from None
 
 
 async def read_json(request: web.Request) -> Any:

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import io
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
@@ -104,6 +105,35 @@ class TestBodyLimits:
             )
             answer = await raw_exchange(url, head)
         assert answer.startswith(b"HTTP/1.1 408 ")
+
+    async def test_client_leaving_mid_body_is_not_an_error(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A client that hangs up halfway through its body is logged as 499, not a 500."""
+        caplog.set_level(logging.INFO)
+        answered = asyncio.Event()
+
+        class Watch(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                if "status=499" in record.getMessage():
+                    answered.set()  # the server runs on this loop's thread
+
+        watch = Watch()
+        logging.getLogger("sdproxy.access").addHandler(watch)
+        async with fake_nodes(FakeNodeSettings()) as nodes, proxy(nodes) as url:
+            parts = urlsplit(url)
+            _, writer = await asyncio.open_connection(parts.hostname, parts.port)
+            writer.write(
+                b'POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"pro'
+            )
+            await writer.drain()
+            writer.close()
+            try:
+                async with asyncio.timeout(WAIT_S):
+                    await answered.wait()
+            finally:
+                logging.getLogger("sdproxy.access").removeHandler(watch)
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 class TestConnectionLimits:
