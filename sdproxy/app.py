@@ -19,10 +19,12 @@ from sdproxy.appkeys import (
     session_key,
     settings_key,
 )
+from sdproxy.auth import auth_middleware
 from sdproxy.autosave import Autosaver
 from sdproxy.benchmark import Benchmarker
 from sdproxy.config import Settings
 from sdproxy.errors import SdproxyError, webui_error_body
+from sdproxy.limits import body_limit_middleware, body_too_large
 from sdproxy.metrics import Metrics
 from sdproxy.routes import json_response
 from sdproxy.scheduler import Cluster
@@ -39,10 +41,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except SdproxyError as exc:
         return json_response(exc.body(), status=exc.status, headers=exc.headers())
-    except web.HTTPRequestEntityTooLarge as exc:
-        limit_mb = request.app[settings_key].server.max_body_mb
-        detail = f"request body larger than {limit_mb:g} MiB"
-        return json_response(webui_error_body("HTTPException", detail=detail), status=exc.status)
+    except web.RequestPayloadError:
+        # The body could not be read: bad chunking, or a Content-Encoding it does not have.
+        body = webui_error_body("HTTPException", detail="There was an error parsing the body")
+        return json_response(body, status=400)
+    except web.HTTPRequestEntityTooLarge:
+        error = body_too_large(request.app[settings_key].server)
+        return json_response(error.body(), status=error.status)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -109,9 +114,15 @@ def create_app(settings: Settings) -> web.Application:
     """The sdproxy application for ``settings``; resources open when it starts."""
     metrics = Metrics()  # one registry per app: tests run many apps in one process
     app = web.Application(
-        # The access log is outermost: it sees the status the error middleware answered.
-        middlewares=[make_access_middleware(metrics), error_middleware],
-        client_max_size=int(settings.server.max_body_mb * 1024 * 1024),
+        # The access log is outermost: it sees the status the error middleware answered, and
+        # the error middleware answers what the ones inside it raise.
+        middlewares=[
+            make_access_middleware(metrics),
+            error_middleware,
+            auth_middleware(settings.server),
+            body_limit_middleware(settings.server),
+        ],
+        client_max_size=settings.server.max_body_bytes,
     )
     app[settings_key] = settings
     app[metrics_key] = metrics

@@ -22,6 +22,7 @@ from sdproxy.benchmark import BenchmarkResult, benchmark_node, load_state, save_
 from sdproxy.config import NodeSettings, Settings, load_settings
 from sdproxy.errors import ConfigError, NodeError
 from sdproxy.fakewebui import FakeNode, FakeNodeSettings, create_fake_app
+from sdproxy.limits import connection_limits
 from sdproxy.logs import configure_logging
 from sdproxy.nodes import NodeClient
 
@@ -143,9 +144,14 @@ async def wait_for_signal() -> None:
             loop.remove_signal_handler(sig)
 
 
-async def start_site(app: web.Application, host: str, port: int) -> web.AppRunner:
-    """Serve ``app`` on host:port; the caller owns the runner's cleanup()."""
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=30.0)
+async def start_site(
+    app: web.Application, host: str, port: int, **server_args: Any
+) -> web.AppRunner:
+    """Serve ``app`` on host:port; the caller owns the runner's cleanup().
+
+    ``server_args`` go to aiohttp's request handler (see limits.connection_limits).
+    """
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=30.0, **server_args)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()
@@ -156,7 +162,10 @@ async def start_site(app: web.Application, host: str, port: int) -> web.AppRunne
 
 
 async def _serve(settings: Settings) -> None:
-    runner = await start_site(create_app(settings), settings.server.host, settings.server.port)
+    server = settings.server
+    runner = await start_site(
+        create_app(settings), server.host, server.port, **connection_limits(server)
+    )
     log.info(
         "sdproxy %s listening on http://%s:%d with %d nodes",
         __version__,
@@ -292,7 +301,8 @@ async def _demo(host: str, port: int) -> None:
                 "nodes": nodes,
             }
         )
-        runners.append(await start_site(create_app(settings), host, port))
+        limits = connection_limits(settings.server)
+        runners.append(await start_site(create_app(settings), host, port, **limits))
         url = f"http://{host}:{port}"
         print(DEMO_BANNER.format(url=url, nodes=", ".join(n["name"] for n in nodes)), flush=True)
         await wait_for_signal()

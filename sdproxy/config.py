@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import ssl
 import tomllib
 from contextvars import ContextVar
 from pathlib import Path
@@ -13,6 +15,8 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    FilePath,
+    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -33,9 +37,49 @@ class ServerSettings(_Section):
 
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 7860
+    # Client authentication (sdproxy/auth.py); no credentials configured means open.
+    api_auth: SecretStr | None = None  # "user:pass,user2:pass2", as the webui's --api-auth
+    api_keys: list[SecretStr] = []  # accepted as "Authorization: Bearer <key>"
+    public_status: bool = False  # GET /cluster, /cluster/*, /metrics without credentials
+    # What a generation request may ask for.
     max_body_mb: Annotated[float, Field(gt=0)] = 64.0
     max_images_per_request: Annotated[int, Field(ge=1)] = 1000
+    max_width: Annotated[int, Field(ge=1)] = 4096
+    max_height: Annotated[int, Field(ge=1)] = 4096
+    max_steps: Annotated[int, Field(ge=1)] = 500
+    max_input_megapixels: Annotated[float, Field(gt=0)] = 50.0
+    allow_image_urls: bool = False
+    # Connection-level limits of the HTTP server.
+    max_line_size: Annotated[int, Field(ge=256)] = 8190
+    max_field_size: Annotated[int, Field(ge=256)] = 8190
+    max_headers: Annotated[int, Field(ge=8)] = 128
+    keepalive_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    body_timeout_s: Annotated[float, Field(gt=0)] = 300.0
     log_format: Literal["text", "json"] = "text"
+
+    @field_validator("api_auth")
+    @classmethod
+    def _user_pass_list(cls, value: SecretStr | None) -> SecretStr | None:
+        # Messages name the entry by position only: the text holds passwords.
+        if value is None:
+            return None
+        for index, entry in enumerate(value.get_secret_value().split(","), start=1):
+            user, colon, _ = entry.partition(":")
+            if not colon or not user:
+                raise ValueError(f"entry {index} is not user:password")
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _non_empty_keys(cls, keys: list[SecretStr]) -> list[SecretStr]:
+        for index, key in enumerate(keys, start=1):
+            if len(key.get_secret_value().strip()) < 8:
+                raise ValueError(f"key {index} is shorter than 8 characters")
+        return keys
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1024 * 1024)
 
 
 class SchedulerSettings(_Section):
@@ -112,6 +156,13 @@ class NodeSettings(_Section):
     weight: Annotated[float, Field(gt=0)] = 1.0
     max_batch_size: Annotated[int | None, Field(ge=1)] = None
     max_pixels: Annotated[int | None, Field(ge=1)] = None  # batch x width x height per request
+    # HTTP Basic towards the node (its --api-auth); the password may come from a variable.
+    username: str | None = None
+    password: SecretStr | None = None
+    password_env: Annotated[str | None, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] = None
+    # https nodes: verify the certificate (against ca_file if given, else the system's CAs).
+    verify_tls: bool = True
+    ca_file: FilePath | None = None
 
     @field_validator("url")
     @classmethod
@@ -121,6 +172,41 @@ class NodeSettings(_Section):
         if url.username or url.password:
             raise ValueError("put credentials in username/password, not in the URL")
         return url
+
+    @field_validator("ca_file")
+    @classmethod
+    def _loadable_ca(cls, path: Path | None) -> Path | None:
+        if path is not None:
+            try:
+                ssl.create_default_context(cafile=str(path))
+            except (ssl.SSLError, OSError):
+                raise ValueError(f"{path} holds no readable PEM certificate") from None
+        return path
+
+    @model_validator(mode="before")
+    @classmethod
+    def _password_from_environment(cls, data: Any) -> Any:
+        # Read here, at load time, so a missing variable is a configuration error.
+        if not isinstance(data, dict) or not data.get("password_env"):
+            return data
+        if data.get("password") is not None:
+            raise ValueError("give password or password_env, not both")
+        variable = data["password_env"]
+        if not isinstance(variable, str) or variable not in os.environ:
+            raise ValueError(f"password_env: environment variable {variable!r} is not set")
+        return {**data, "password": os.environ[variable]}
+
+    @model_validator(mode="after")
+    def _consistent(self) -> NodeSettings:
+        if (self.username is None) != (self.password is None):
+            raise ValueError("username and password go together")
+        if self.username is not None and ":" in self.username:
+            raise ValueError("username: HTTP Basic user names cannot contain ':'")
+        if self.url.scheme != "https" and (self.ca_file is not None or not self.verify_tls):
+            raise ValueError("verify_tls and ca_file apply to https:// nodes only")
+        if self.ca_file is not None and not self.verify_tls:
+            raise ValueError("ca_file is given but verify_tls = false")
+        return self
 
     @property
     def base_url(self) -> str:
@@ -198,7 +284,8 @@ def load_settings(path: Path | None, **overrides: Any) -> Settings:
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
-        raise ConfigError(f"{where}: {describe_validation_error(exc, data)}") from exc
+        # from None: pydantic's own text repeats the input values, passwords included.
+        raise ConfigError(f"{where}: {describe_validation_error(exc, data)}") from None
     finally:
         _file_data.reset(token)
     if path is not None:

@@ -7,10 +7,13 @@
     ├── ClientError                 the client's request is at fault (4xx)
     │   ├── RequestValidationError  422, FastAPI's validation body
     │   ├── BodyTooLarge            413
+    │   ├── BodyTimeout             408: the body did not arrive within body_timeout_s
+    │   ├── ClientGone              499 (nginx's code): the client left before its body arrived
+    │   ├── NotAuthenticated        401, the webui's --api-auth bodies
     │   ├── NotFound                404
     │   ├── QueueFull               429: too many images already queued; Retry-After
-    │   └── NotSupported            501: node-local actions (create/*, train/*)
-    ├── UnknownCheckpoint           500 like the webui's: POST options names no node's model
+    │   ├── NotSupported            501: node-local actions (create/*, train/*)
+    │   └── UnknownCheckpoint       422 (the webui's 500 body): POST options names no model
     ├── NoNodeAvailable             503: no healthy node can take the work
     ├── RequestTimeout              504: the request's overall deadline passed
     ├── GenerationFailed            502: shares failed and no node could take them over
@@ -19,6 +22,8 @@
         ├── NodeUnreachable         refused, reset, DNS: nothing usable came back
         ├── NodeTimeout             the node did not answer within the deadline
         ├── NodeBadResponse         5xx, malformed or incomplete JSON
+        │   └── NodeRaised          500 with the webui's exception body: the job raised (422)
+        ├── NodeAuthFailed          401/403: the node refused sdproxy's own credentials
         └── NodeRejected            the node answered 4xx: the request is at fault
 
 Only ``nodes.py`` catches aiohttp's and asyncio's errors and raises ``NodeError``s from them; only
@@ -72,6 +77,36 @@ class BodyTooLarge(ClientError):
 
     status = 413
 
+    def body(self) -> dict[str, Any]:
+        return webui_error_body("HTTPException", detail=str(self))
+
+
+class BodyTimeout(ClientError):
+    """The client sent its body too slowly."""
+
+    status = 408
+
+    def body(self) -> dict[str, Any]:
+        return webui_error_body("HTTPException", detail=str(self))
+
+
+class ClientGone(ClientError):
+    """The client closed the connection before its body arrived; nobody reads the answer.
+
+    It is counted and logged as the client's doing (nginx's 499), not as an error of sdproxy.
+    """
+
+    status = 499
+
+
+class NotAuthenticated(ClientError):
+    """Missing or wrong client credentials; like the webui, no WWW-Authenticate header."""
+
+    status = 401
+
+    def body(self) -> dict[str, Any]:
+        return webui_error_body("HTTPException", detail=str(self))
+
 
 class NotFound(ClientError):
     """Something the request names does not exist (as the webui's 404 ``HTTPException``)."""
@@ -104,8 +139,13 @@ class NotSupported(ClientError):
         return webui_error_body("HTTPException", detail=str(self))
 
 
-class UnknownCheckpoint(SdproxyError):
-    """POST /options names a checkpoint no healthy node has (the webui's RuntimeError)."""
+class UnknownCheckpoint(ClientError):
+    """POST /options names a checkpoint no healthy node has (the webui's RuntimeError body).
+
+    The webui answers it with 500; it is the client's input, so sdproxy answers 422.
+    """
+
+    status = 422
 
     def body(self) -> dict[str, Any]:
         return webui_error_body("RuntimeError", errors=str(self))
@@ -201,6 +241,27 @@ class NodeBadResponse(NodeError):
         if self.answered is not None and isinstance(self.answer, dict):
             return self.answer
         return super().body()
+
+
+class NodeAuthFailed(NodeError):
+    """The node refused sdproxy's credentials: a configuration problem, not the client's."""
+
+
+class NodeRaised(NodeBadResponse):
+    """The node answered 500 with the webui's exception body: it is up, the job raised.
+
+    Many such errors come from the request (an unknown override_settings key or option, a null
+    cfg_scale, a missing upscaler), some from the node (out of memory). For generations the
+    scheduler tries another node: if it renders the images, the first node was at fault and is
+    taken out; if it raises too, or none is left, the request is at fault. The client then gets
+    the node's own body with 422: sdproxy answers 5xx only for node trouble, never for input.
+    """
+
+    def __init__(self, node: str, body: dict[str, Any]) -> None:
+        error = body.get("errors") or body.get("detail") or "an exception"
+        message = f"raised {body.get('error')}: {str(error)[:200]}"
+        super().__init__(node, message, answered=500, answer=body)
+        self.status = 422
 
 
 class NodeRejected(NodeError):

@@ -27,6 +27,33 @@ def decode_b64_image(data: str) -> Image.Image:
     return image
 
 
+def check_b64_image(data: str, max_pixels: int) -> str | None:
+    """Why ``data`` (raw base64 or a data URI) is not an image a node can use; None if it is.
+
+    The size is read from the header and checked before any pixel is decoded, so a small
+    file that would expand to gigabytes is refused without being expanded.
+    """
+    if data.startswith("data:"):
+        _, _, data = data.partition(",")
+    try:
+        raw = base64.b64decode(data)
+    except (binascii.Error, ValueError):
+        return "not valid base64"
+    try:
+        with Image.open(io.BytesIO(raw)) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                return f"image is {width}x{height}, more than {max_pixels / 1e6:g} megapixels"
+            image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return f"image is more than {max_pixels / 1e6:g} megapixels"
+    except UnidentifiedImageError:
+        return "not an image in a format Pillow reads"
+    except Exception:  # Pillow's decoders raise many kinds on corrupt data
+        return "the image data is corrupt or truncated"
+    return None
+
+
 def encode_png(image: Image.Image, infotext: str | None) -> str:
     """Encode ``image`` as base64 PNG, with the webui's ``parameters`` text chunk."""
     return base64.b64encode(png_bytes(image, infotext)).decode("ascii")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -13,13 +14,17 @@ from yarl import URL
 
 from sdproxy.config import NodeSettings, SchedulerSettings
 from sdproxy.errors import (
+    NodeAuthFailed,
     NodeBadResponse,
     NodeError,
+    NodeRaised,
     NodeRejected,
     NodeTimeout,
     NodeUnreachable,
 )
 
+# The webui's api_middleware answers any exception a job raises with these keys.
+_WEBUI_ERROR_KEYS = frozenset({"error", "detail", "body", "errors"})
 _JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
 
 
@@ -54,6 +59,11 @@ class NodeClient:
         self._session = session
         self._base = URL(settings.base_url)
         self._connect_timeout_s = scheduler.connect_timeout_s
+        self._headers = dict(_JSON_HEADERS)
+        if settings.username is not None and settings.password is not None:
+            password = settings.password.get_secret_value()
+            self._headers["Authorization"] = aiohttp.encode_basic_auth(settings.username, password)
+        self._ssl = tls_context(settings)
 
     def url(self, path: str) -> URL:
         """The node's URL for ``path`` (relative, e.g. ``sdapi/v1/txt2img``)."""
@@ -88,13 +98,17 @@ class NodeClient:
                 self.url(path),
                 data=data,
                 params=params,
-                headers=_JSON_HEADERS,
+                headers=self._headers,
                 timeout=timeout,
+                ssl=self._ssl,
             ) as resp:
                 raw = await resp.read()
                 status = resp.status
         except TimeoutError as exc:
             raise NodeTimeout(self.name, f"no answer within {timeout_s:g} s") from exc
+        except aiohttp.ClientConnectorCertificateError as exc:
+            reason = getattr(exc.certificate_error, "verify_message", None) or "not trusted"
+            raise NodeUnreachable(self.name, f"TLS certificate rejected: {reason}") from exc
         except aiohttp.ClientConnectorError as exc:
             raise NodeUnreachable(self.name, f"cannot connect: {exc.os_error}") from exc
         except aiohttp.ClientError as exc:
@@ -106,12 +120,22 @@ class NodeClient:
             payload = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
             if 400 <= status < 500:
-                raise NodeRejected(self.name, status, raw.decode(errors="replace")) from exc
-            raise NodeBadResponse(
-                self.name, f"answered {status} with a body that is not JSON"
-            ) from exc
+                payload = raw.decode(errors="replace")
+            else:
+                raise NodeBadResponse(
+                    self.name, f"answered {status} with a body that is not JSON"
+                ) from exc
+        if status in (401, 403):
+            # Not the client's fault: passing the 401 on would blame the client's credentials.
+            raise NodeAuthFailed(
+                self.name,
+                f"refused sdproxy's credentials ({status} {_error_text(payload)}): "
+                "check username and password for this node",
+            )
         if 400 <= status < 500:
             raise NodeRejected(self.name, status, payload)
+        if status == 500 and isinstance(payload, dict) and payload.keys() >= _WEBUI_ERROR_KEYS:
+            raise NodeRaised(self.name, payload)
         if status >= 500 or status < 200 or status >= 300:
             raise NodeBadResponse(
                 self.name,
@@ -127,11 +151,28 @@ class NodeClient:
         self.stats.images_rendered += images
         self.stats.last_ok_at = time.time()
 
+    def record_raised(self, error: NodeError) -> None:
+        """The node answered, but the job raised: note it without taking the node out."""
+        self.stats.last_error = error.reason
+        self.stats.last_error_at = time.time()
+
     def record_failure(self, error: NodeError) -> None:
         self.stats.healthy = False
         self.stats.consecutive_failures += 1
         self.stats.last_error = error.reason
         self.stats.last_error_at = time.time()
+
+
+def tls_context(settings: NodeSettings) -> ssl.SSLContext | bool:
+    """The TLS settings for requests to one node, built once; True: aiohttp's default."""
+    if settings.url.scheme != "https":
+        return True
+    cafile = str(settings.ca_file) if settings.ca_file is not None else None
+    context = ssl.create_default_context(cafile=cafile)
+    if not settings.verify_tls:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 def _error_text(payload: Any) -> str:

@@ -80,6 +80,89 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True)
+class InputLimits:
+    """Bounds on a generation request beyond the webui's own (it has none on sizes)."""
+
+    max_width: int = 4096
+    max_height: int = 4096
+    max_steps: int = 500
+    allow_image_urls: bool = False
+
+
+# Fields the webui decodes as images, fetching http(s) URLs when given one.
+IMAGE_FIELDS = ("init_images", "mask", "latent_mask", "firstpass_image")
+# Fields whose nested values scripts (ControlNet units, ReActor, ...) may decode as images.
+SCRIPT_FIELDS = ("alwayson_scripts", "script_args")
+# Fields sdproxy decodes before fanning out, so a broken image fails once, as 422.
+DECODED_FIELDS = ("init_images", "mask")
+
+
+def is_url(value: Any) -> bool:
+    """Whether ``value`` is a string the webui would fetch as a URL instead of decoding."""
+    return isinstance(value, str) and value.lstrip()[:8].lower().startswith(("http://", "https://"))
+
+
+def image_url_errors(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """A 422 item for every image given as a URL: sdproxy's nodes fetch nothing for clients."""
+    found: list[list[str | int]] = []
+    for name in IMAGE_FIELDS:
+        value = body.get(name)
+        if isinstance(value, list):
+            found.extend(["body", name, index] for index, item in enumerate(value) if is_url(item))
+        elif is_url(value):
+            found.append(["body", name])
+    # Scripts take positional and nested arguments: walk them all.
+    found.extend(_url_locations([(["body", n], body[n]) for n in SCRIPT_FIELDS if n in body]))
+    return _url_errors(found)
+
+
+def any_url_errors(body: Any) -> list[dict[str, Any]]:
+    """A 422 item for every URL anywhere in ``body``: for routes whose image fields vary
+    (extras, png-info, interrogate, extension routes such as ControlNet's detect)."""
+    return _url_errors(_url_locations([(["body"], body)]))
+
+
+def _url_locations(start: list[tuple[list[str | int], Any]]) -> list[list[str | int]]:
+    """Where URLs sit in nested JSON, walked iteratively (any depth, no recursion)."""
+    found: list[list[str | int]] = []
+    stack = list(start)
+    while stack:
+        loc, value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend(([*loc, str(key)], item) for key, item in value.items())
+        elif isinstance(value, list):
+            stack.extend(([*loc, index], item) for index, item in enumerate(value))
+        elif is_url(value):
+            found.append(loc)
+    return found
+
+
+def _url_errors(locations: list[list[str | int]]) -> list[dict[str, Any]]:
+    return [
+        validation_error(
+            loc,
+            "image URLs are not accepted: send the image as base64 or a data URI",
+            "value_error.url.not_allowed",
+        )
+        for loc in sorted(locations, key=str)
+    ]
+
+
+def decodable_images(request: GenerationRequest) -> list[tuple[list[str | int], str]]:
+    """(loc, data) of every image sdproxy checks before fanning out: init_images and mask."""
+    found: list[tuple[list[str | int], str]] = []
+    for name in DECODED_FIELDS:
+        value = request.body.get(name)
+        items = enumerate(value) if isinstance(value, list) else [(None, value)]
+        for index, item in items:
+            if isinstance(item, int | float) and not isinstance(item, bool):
+                item = str(item)  # the webui's model coerces numbers to str, then decodes
+            if isinstance(item, str) and not is_url(item):
+                found.append((["body", name] + ([] if index is None else [index]), item))
+    return found
+
+
+@dataclass(frozen=True)
 class Seeds:
     """The request's seed and subseed, resolved once."""
 
@@ -114,7 +197,9 @@ def node_body(
     return body
 
 
-def parse_generation(kind: Kind, body: Any, *, max_images: int) -> GenerationRequest:
+def parse_generation(
+    kind: Kind, body: Any, *, max_images: int, limits: InputLimits = InputLimits()
+) -> GenerationRequest:
     """Validate ``body`` (decoded JSON) and return what sdproxy needs from it.
 
     Raises RequestValidationError with every problem found, in the webui's 422 shape.
@@ -129,9 +214,9 @@ def parse_generation(kind: Kind, body: Any, *, max_images: int) -> GenerationReq
     seed = reader.optional_integer("seed", -1)
     subseed = reader.optional_integer("subseed", -1)
     subseed_strength = reader.number("subseed_strength", 0.0)
-    steps = reader.integer("steps", 50, minimum=1)
-    width = reader.integer("width", 512, minimum=1)
-    height = reader.integer("height", 512, minimum=1)
+    steps = reader.integer("steps", 50, minimum=1, maximum=limits.max_steps)
+    width = reader.integer("width", 512, minimum=1, maximum=limits.max_width)
+    height = reader.integer("height", 512, minimum=1, maximum=limits.max_height)
     send_images = reader.boolean("send_images", True)
     save_images = reader.boolean("save_images", False)
     reader.string("prompt")
@@ -139,7 +224,11 @@ def parse_generation(kind: Kind, body: Any, *, max_images: int) -> GenerationReq
     script_name = reader.string("script_name")
     init_images = reader.image_list("init_images") if kind == "img2img" else 0
     denoising_strength = reader.number("denoising_strength", 0.75 if kind == "img2img" else 0.0)
-    hires = _read_hires(reader, kind, steps, width, height)
+    hires = _read_hires(reader, kind, steps, width, height, limits)
+    if kind == "img2img":
+        reader.string("mask")
+    if not limits.allow_image_urls:
+        reader.errors.extend(image_url_errors(body))
     reader.raise_if_errors()
     if kind == "img2img" and body.get("init_images") is None:
         raise NotFound("Init image not found")
@@ -189,20 +278,36 @@ def parse_generation(kind: Kind, body: Any, *, max_images: int) -> GenerationReq
 
 
 def _read_hires(
-    reader: _FieldReader, kind: Kind, steps: int, width: int, height: int
+    reader: _FieldReader, kind: Kind, steps: int, width: int, height: int, limits: InputLimits
 ) -> tuple[int, int, int] | None:
-    """Hires fix's second pass as (steps, width, height), with the webui's defaults.
+    """Hires fix's second pass as (steps, width, height), with the webui's defaults and bounds.
 
     The target size is the webui's ``calculate_target_resolution``: hr_resize_x/y when either is
     set (the other kept in proportion), else the size times hr_scale.
     """
-    if kind != "txt2img" or not reader.boolean("enable_hr", False):
+    if kind != "txt2img":
         return None
-    scale = reader.number("hr_scale", 2.0)
-    second_pass = reader.optional_integer("hr_second_pass_steps", 0) or 0
-    resize_x = reader.optional_integer("hr_resize_x", 0) or 0
-    resize_y = reader.optional_integer("hr_resize_y", 0) or 0
+    unbounded = -(2**63)  # the webui accepts any value here; only the top is bounded
+    second_pass = reader.integer(
+        "hr_second_pass_steps", 0, minimum=unbounded, maximum=limits.max_steps
+    )
+    resize_x = reader.integer("hr_resize_x", 0, minimum=unbounded, maximum=limits.max_width)
+    resize_y = reader.integer("hr_resize_y", 0, minimum=unbounded, maximum=limits.max_height)
+    # enable_hr is Optional in the webui's model: null means off.
+    if reader.body.get("enable_hr") is None or not reader.boolean("enable_hr", False):
+        return None
     if resize_x <= 0 and resize_y <= 0:
+        scale = reader.number("hr_scale", 2.0)
+        if width * scale > limits.max_width or height * scale > limits.max_height:
+            limit = min(limits.max_width / width, limits.max_height / height)
+            reader.errors.append(
+                validation_error(
+                    ["body", "hr_scale"],
+                    f"ensure this value is less than or equal to {limit:g}",
+                    "value_error.number.not_le",
+                    limit_value=limit,
+                )
+            )
         size = int(width * scale), int(height * scale)
     elif resize_y <= 0:
         size = resize_x, resize_x * height // width
@@ -236,10 +341,18 @@ class _FieldReader:
         if self.errors:
             raise RequestValidationError(self.errors)
 
-    def integer(self, name: str, default: int, *, minimum: int) -> int:
-        """An int of at least ``minimum``; null means the default."""
+    def integer(self, name: str, default: int, *, minimum: int, maximum: int | None = None) -> int:
+        """An int of at least ``minimum`` (and at most ``maximum``); null means the default."""
         value = self.optional_integer(name, default)
         if value is None:
+            return default
+        if maximum is not None and value > maximum:
+            self._fail(
+                name,
+                f"ensure this value is less than or equal to {maximum}",
+                "value_error.number.not_le",
+                limit_value=maximum,
+            )
             return default
         if value < minimum:
             self._fail(

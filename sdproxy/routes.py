@@ -8,12 +8,25 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from sdproxy import __version__, metrics
+from sdproxy import __version__, images, metrics
 from sdproxy.accesslog import Outcome, outcome_key
 from sdproxy.appkeys import autosave_key, benchmarker_key, cluster_key, metrics_key, settings_key
+from sdproxy.config import ServerSettings
 from sdproxy.dashboard import cluster_page, in_flight
-from sdproxy.errors import NotFound, RequestValidationError, validation_error
-from sdproxy.request import Kind, parse_generation
+from sdproxy.errors import (
+    BodyTimeout,
+    ClientGone,
+    NotFound,
+    RequestValidationError,
+    validation_error,
+)
+from sdproxy.request import (
+    GenerationRequest,
+    InputLimits,
+    Kind,
+    decodable_images,
+    parse_generation,
+)
 
 SHARES_HEADER = "X-Sdproxy-Shares"
 
@@ -27,9 +40,25 @@ def json_response(
     )
 
 
+async def read_body(request: web.Request) -> bytes:
+    """The request's raw body; 408 when it takes longer than ``body_timeout_s`` to arrive.
+
+    Handlers read bodies only through here (or read_json), so a slow client cannot hold a
+    handler for longer than that.
+    """
+    timeout_s = request.app[settings_key].server.body_timeout_s
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await request.read()
+    except TimeoutError:
+        raise BodyTimeout(f"the request body did not arrive within {timeout_s:g} s") from None
+    except ConnectionResetError:
+        raise ClientGone("the client closed the connection before its body arrived") from None
+
+
 async def read_json(request: web.Request) -> Any:
     """The request's JSON body; FastAPI's 422 shapes for a missing or malformed one."""
-    raw = await request.read()
+    raw = await read_body(request)
     if not raw.strip():
         raise RequestValidationError(
             [validation_error(["body"], "field required", "value_error.missing")]
@@ -57,10 +86,39 @@ def format_shares(shares: list[tuple[str, int, int]]) -> str:
     return ",".join(f"{node}:{first}-{last}" for node, first, last in shares)
 
 
+def input_limits(server: ServerSettings) -> InputLimits:
+    return InputLimits(
+        max_width=server.max_width,
+        max_height=server.max_height,
+        max_steps=server.max_steps,
+        allow_image_urls=server.allow_image_urls,
+    )
+
+
+async def check_images(request: GenerationRequest, server: ServerSettings) -> None:
+    """422 naming every init image or mask that does not decode, before any node sees it."""
+    max_pixels = int(server.max_input_megapixels * 1e6)
+
+    def check_all() -> list[dict[str, Any]]:
+        errors = []
+        for loc, data in decodable_images(request):
+            reason = images.check_b64_image(data, max_pixels)
+            if reason is not None:
+                errors.append(validation_error(loc, reason, "value_error.image"))
+        return errors
+
+    errors = await asyncio.to_thread(check_all)
+    if errors:
+        raise RequestValidationError(errors)
+
+
 async def _generate(request: web.Request, kind: Kind) -> web.Response:
-    settings = request.app[settings_key]
+    server = request.app[settings_key].server
     body = await read_json(request)
-    generation = parse_generation(kind, body, max_images=settings.server.max_images_per_request)
+    generation = parse_generation(
+        kind, body, max_images=server.max_images_per_request, limits=input_limits(server)
+    )
+    await check_images(generation, server)
     result = await request.app[cluster_key].generate(generation)
     headers = {SHARES_HEADER: format_shares(result.shares)} if result.shares else None
     response = json_response(result.body, headers=headers)

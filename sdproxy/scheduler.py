@@ -34,6 +34,7 @@ from sdproxy.errors import (
     GenerationFailed,
     NodeBadResponse,
     NodeError,
+    NodeRaised,
     NodeRejected,
     NoNodeAvailable,
     QueueFull,
@@ -70,6 +71,7 @@ class Run:
     remaining: int = 0
     redispatches: int = 0
     failures: dict[str, str] = field(default_factory=dict)
+    raised: set[str] = field(default_factory=set)  # nodes on which a job of this run raised
     error: SdproxyError | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
     request_id: str | None = field(default_factory=request_id_var.get)
@@ -113,6 +115,9 @@ class Job:
     run: Run
     chunk: Chunk
     whole: bool = False
+    # The node this job's images raised on before (NodeRaised): if they render here, that
+    # node, not the request, was at fault, and it is taken out.
+    blame: tuple[NodeClient, NodeRaised] | None = None
 
     @property
     def work(self) -> float:
@@ -212,6 +217,7 @@ class Lane:
                 run.complete_whole(response)
                 client.record_success()
                 metrics.observe_job(client.name, "ok", time.perf_counter() - started)
+                self._cluster.blame(job)
                 return
             try:
                 part = read_part(
@@ -229,6 +235,11 @@ class Lane:
             client.record_success()
             metrics.observe_job(client.name, "rejected", time.perf_counter() - started)
             run.fail(exc)
+        except NodeRaised as exc:
+            log.info("node %s raised on images %s..: %s", client.name, chunk.start, exc.reason)
+            client.record_raised(exc)
+            metrics.observe_job(client.name, "error", time.perf_counter() - started)
+            self._cluster.retry_elsewhere(job, client, exc)
         except NodeError as exc:
             log.warning("node %s failed images %s..: %s", client.name, chunk.start, exc.reason)
             client.record_failure(exc)
@@ -238,6 +249,7 @@ class Lane:
             client.record_success(part.count)
             metrics.observe_job(client.name, "ok", time.perf_counter() - started, part.count)
             run.add(part, chunk.images)
+            self._cluster.blame(job)
 
 
 class Cluster:
@@ -468,7 +480,8 @@ class Cluster:
             await self.models.prepare(request, healthy)
             healthy = self.healthy_clients()
         if not healthy:
-            raise NoNodeAvailable("no healthy node: every node is down or unreachable")
+            why = "; ".join(f"{c.name}: {c.stats.last_error or 'down'}" for c in self.clients)
+            raise NoNodeAvailable(f"no healthy node ({why})")
         return self.models.select(request, healthy)
 
     def running_jobs(self) -> list[tuple[Lane, Job]]:
@@ -497,14 +510,60 @@ class Cluster:
             lane.pending = deque(kept)
         return [lane.client for lane, _ in running]
 
-    def _queue(self, run: Run, shares: Iterable[Share]) -> None:
+    def retry_elsewhere(self, failed: Job, client: NodeClient, error: NodeRaised) -> None:
+        """A job raised on a node that is up: try a node it has not raised on, once.
+
+        If a second node raises too, or no other node is healthy, the request is at fault
+        (422 with the node's body) and no node is taken out for it. If another node renders
+        the images, the first node is (see blame()).
+        """
+        run = failed.run
+        run.raised.add(error.node)
+        if run.finished:
+            return
+        if run.interrupted and not failed.whole:  # as in failover(): only what is done counts
+            run.drop(failed.chunk.images)
+            return
+        try:
+            eligible = self.models.select(run.request, self.healthy_clients())
+        except SdproxyError:
+            eligible = []
+        others = [c for c in eligible if c.name not in run.raised]
+        if len(run.raised) >= 2 or not others:
+            run.fail(error)
+            return
+        self.metrics.observe_failover(error.node)
+        if failed.whole:
+            failed.blame = (client, error)
+            self.lanes[others[0].name].submit(failed)
+        else:
+            unit = run.request.unit_size
+            shares = self._plan(
+                run, failed.chunk.images // unit, failed.chunk.start // unit, others
+            )
+            self._queue(run, shares, blame=(client, error))
+
+    def blame(self, job: Job) -> None:
+        """Images that raised on one node rendered on another: take the first node out."""
+        if job.blame is None:
+            return
+        client, error = job.blame
+        if client.stats.healthy:
+            log.warning("node %s raised on work another node rendered: taken out", client.name)
+            client.record_failure(error)
+
+    def _queue(
+        self, run: Run, shares: Iterable[Share], blame: tuple[NodeClient, NodeRaised] | None = None
+    ) -> None:
         for share in shares:
-            for job in self.jobs_for(run, share):
+            for job in self.jobs_for(run, share, blame):
                 self.lanes[share.node].submit(job)
 
-    def jobs_for(self, run: Run, share: Share) -> list[Job]:
+    def jobs_for(
+        self, run: Run, share: Share, blame: tuple[NodeClient, NodeRaised] | None = None
+    ) -> list[Job]:
         """The jobs (node requests) that render ``share`` of ``run`` on its node."""
-        return [Job(run, chunk) for chunk in self._chunks(run.request, share)]
+        return [Job(run, chunk, blame=blame) for chunk in self._chunks(run.request, share)]
 
     def _chunks(self, request: GenerationRequest, share: Share) -> list[Chunk]:
         """Cut a share of units into node requests: whole batches go as one request."""

@@ -62,7 +62,13 @@ def steal_for(cluster: Cluster, idle: Lane) -> bool:
 
 
 def _may_render(cluster: Cluster, lane: Lane, job: Job) -> bool:
-    """Whether the planner could have given ``lane`` this job (its checkpoint is there)."""
+    """Whether the planner could have given ``lane`` this job (its checkpoint is there).
+
+    A node the request's work raised on (a webui 500) is not eligible: the retry is there to
+    learn whether another node renders it.
+    """
+    if lane.client.name in job.run.raised:
+        return False
     try:
         eligible = cluster.models.select(job.run.request, cluster.healthy_clients())
     except SdproxyError:

@@ -30,8 +30,8 @@ from sdproxy.errors import (
 from sdproxy.fanout import call_each, combined_error, first_answer
 from sdproxy.nodes import NodeClient
 from sdproxy.progress import NodeProgress, aggregate_progress, idle_progress
-from sdproxy.request import parse_bool
-from sdproxy.routes import json_response, read_json
+from sdproxy.request import any_url_errors, parse_bool
+from sdproxy.routes import json_response, read_body, read_json
 from sdproxy.scheduler import Cluster
 
 Merge = Callable[[Sequence[Any]], Any]
@@ -298,9 +298,18 @@ def _dict_or_none(value: Any) -> dict[str, Any] | None:
 # --- one node's work ----------------------------------------------------------------------------
 
 
+def refuse_urls(request: web.Request, body: Any) -> None:
+    """422 for URLs in a forwarded body: nodes fetch nothing for clients (allow_image_urls)."""
+    if not request.app[settings_key].server.allow_image_urls:
+        errors = any_url_errors(body)
+        if errors:
+            raise RequestValidationError(errors)
+
+
 def one_node_post(path: str) -> Handler:
     async def handler(request: web.Request) -> web.Response:
         body = await read_json(request)
+        refuse_urls(request, body)
         timeout_s = request.app[settings_key].scheduler.share_timeout_s
         answer = await first_answer(
             _least_busy(request),
@@ -314,8 +323,9 @@ def one_node_post(path: str) -> Handler:
 
 async def extension(request: web.Request) -> web.Response:
     """An extension's own route (e.g. /controlnet/model_list), forwarded to one node."""
-    raw = await request.read()
+    raw = await read_body(request)
     body = await read_json(request) if raw.strip() else None
+    refuse_urls(request, body)
     path = request.path.lstrip("/")
     params = dict(request.query)
     timeout_s = request.app[settings_key].scheduler.share_timeout_s

@@ -19,6 +19,7 @@ from sdproxy.app import create_app
 from sdproxy.cli import start_site
 from sdproxy.config import Settings
 from sdproxy.fakewebui import FakeNode, FakeNodeSettings, create_fake_app
+from sdproxy.limits import connection_limits
 
 
 @dataclass
@@ -62,7 +63,8 @@ async def proxy(
     node_list = [{"name": n.name, "url": n.url} if isinstance(n, RunningNode) else n for n in nodes]
     sections.setdefault("benchmark", {"on_start": False})
     settings = Settings.model_validate({"server": {"port": 0}, **sections, "nodes": node_list})
-    runner = await start_site(create_app(settings), "127.0.0.1", 0)
+    limits = connection_limits(settings.server)
+    runner = await start_site(create_app(settings), "127.0.0.1", 0, **limits)
     try:
         yield f"http://127.0.0.1:{bound_port(runner)}"
     finally:

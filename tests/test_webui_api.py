@@ -158,21 +158,21 @@ class TestWrites:
             assert node.node.options["n_rows"] == 3
 
     async def test_options_errors_as_the_webui(self) -> None:
-        """An unknown option is the webui's 500 KeyError; a non-object body a 422."""
+        """An unknown option or model: the webui's 500 bodies, as 422 (the input is at fault)."""
         async with (
             fake_nodes(FakeNodeSettings(name="a"), FakeNodeSettings(name="b")) as nodes,
             proxy(nodes) as url,
             aiohttp.ClientSession() as session,
         ):
             status, answer, _ = await post_json(session, f"{url}/sdapi/v1/options", {"nope": 1})
-            assert status == 500
+            assert status == 422
             assert (answer["error"], answer["errors"]) == ("KeyError", "'nope'")
             status, answer, _ = await post_json(session, f"{url}/sdapi/v1/options", [1])
             assert status == 422
             assert answer["detail"][0]["loc"] == ["body"]
             url_m = f"{url}/sdapi/v1/options"
             status, answer, _ = await post_json(session, url_m, {"sd_model_checkpoint": "zz"})
-            assert status == 500
+            assert status == 422
             assert answer["errors"] == "model 'zz' not found"
 
     async def test_write_failure_names_the_node(self) -> None:
