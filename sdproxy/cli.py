@@ -18,7 +18,7 @@ from sdproxy import __version__
 from sdproxy.app import create_app
 from sdproxy.config import Settings, load_settings
 from sdproxy.errors import ConfigError
-from sdproxy.fakewebui import FakeNode, FakeNodeSettings, create_fake_app
+from sdproxy.fakewebui import FakeNode, FakeNodeSettings, Fault, create_fake_app
 
 EXIT_OK = 0
 EXIT_CONFIG = 2  # bad configuration or arguments, like argparse's own usage errors
@@ -54,6 +54,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--models", type=_model_list, default=None, help="comma-separated checkpoint titles"
     )
     fake.add_argument("--api-auth", default=None, help="user:pass[,user2:pass2], like the webui")
+    fake.add_argument(
+        "--fail-mode",
+        choices=["none", "error500", "hang", "reset", "truncated", "exit", "slow"],
+        default="none",
+        help="simulate a failure on generation requests (exit: the process dies)",
+    )
+    fake.add_argument(
+        "--fail-after-s", type=_non_negative, default=0.0, help="seconds into a generation"
+    )
+    fake.add_argument(
+        "--fail-times",
+        type=int,
+        default=None,
+        help="fail only the first N generation requests (default: all)",
+    )
 
     demo = commands.add_parser("demo", help="run sdproxy in front of three simulated nodes")
     demo.add_argument("--host", default="127.0.0.1")
@@ -95,6 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             if args.models:
                 fake.models = args.models
+            fake.fault = Fault(args.fail_mode, args.fail_after_s, args.fail_times)
             asyncio.run(_fake_node(fake, args.host, args.port))
         else:
             asyncio.run(_demo(args.host, args.port))
@@ -120,9 +136,26 @@ async def wait_for_signal() -> None:
             loop.remove_signal_handler(sig)
 
 
-async def start_site(app: web.Application, host: str, port: int) -> web.AppRunner:
-    """Serve ``app`` on host:port; the caller owns the runner's cleanup()."""
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=30.0)
+async def start_site(
+    app: web.Application,
+    host: str,
+    port: int,
+    *,
+    shutdown_timeout_s: float = 30.0,
+    handler_cancellation: bool = False,
+) -> web.AppRunner:
+    """Serve ``app`` on host:port; the caller owns the runner's cleanup().
+
+    cleanup() stops accepting connections, waits up to ``shutdown_timeout_s`` for requests in
+    flight, then cancels them. ``handler_cancellation`` cancels a handler whose client has
+    disconnected (aiohttp does not by default).
+    """
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        shutdown_timeout=shutdown_timeout_s,
+        handler_cancellation=handler_cancellation,
+    )
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()
@@ -132,8 +165,19 @@ async def start_site(app: web.Application, host: str, port: int) -> web.AppRunne
     return runner
 
 
+async def start_proxy(settings: Settings, host: str, port: int) -> web.AppRunner:
+    """Serve sdproxy: handlers of departed clients are cancelled, shutdown waits the grace."""
+    return await start_site(
+        create_app(settings),
+        host,
+        port,
+        shutdown_timeout_s=settings.server.shutdown_grace_s,
+        handler_cancellation=True,
+    )
+
+
 async def _serve(settings: Settings) -> None:
-    runner = await start_site(create_app(settings), settings.server.host, settings.server.port)
+    runner = await start_proxy(settings, settings.server.host, settings.server.port)
     log.info(
         "sdproxy %s listening on http://%s:%d with %d nodes",
         __version__,
@@ -144,6 +188,10 @@ async def _serve(settings: Settings) -> None:
     try:
         await wait_for_signal()
     finally:
+        log.info(
+            "stopping: no new connections; waiting up to %g s for requests in flight",
+            settings.server.shutdown_grace_s,
+        )
         await runner.cleanup()
 
 
@@ -178,7 +226,7 @@ async def _demo(host: str, port: int) -> None:
                 {"name": name, "url": f"http://127.0.0.1:{node_port}", "weight": 1 / per_image_s}
             )
         settings = Settings.model_validate({"server": {"host": host, "port": port}, "nodes": nodes})
-        runners.append(await start_site(create_app(settings), host, port))
+        runners.append(await start_proxy(settings, host, port))
         url = f"http://{host}:{port}"
         print(DEMO_BANNER.format(url=url, nodes=", ".join(n["name"] for n in nodes)), flush=True)
         await wait_for_signal()

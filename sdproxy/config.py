@@ -34,6 +34,7 @@ class ServerSettings(_Section):
     port: Annotated[int, Field(ge=0, le=65535)] = 7860
     max_body_mb: Annotated[float, Field(gt=0)] = 64.0
     max_images_per_request: Annotated[int, Field(ge=1)] = 1000
+    shutdown_grace_s: Annotated[float, Field(ge=0)] = 30.0
 
 
 class SchedulerSettings(_Section):
@@ -41,10 +42,15 @@ class SchedulerSettings(_Section):
 
     request_timeout_s: Annotated[float, Field(gt=0)] = 1800.0
     connect_timeout_s: Annotated[float, Field(gt=0)] = 5.0
-    share_timeout_s: Annotated[float, Field(gt=0)] = 900.0
+    share_timeout_factor: Annotated[float, Field(ge=1)] = 3.0
+    share_timeout_floor_s: Annotated[float, Field(gt=0)] = 600.0
     max_redispatches: Annotated[int, Field(ge=0)] = 3
+    wait_for_node_s: Annotated[float, Field(ge=0)] = 30.0
     health_interval_s: Annotated[float, Field(gt=0)] = 5.0
     health_timeout_s: Annotated[float, Field(gt=0)] = 3.0
+    inventory_every_polls: Annotated[int, Field(ge=1)] = 12
+    cooldown_base_s: Annotated[float, Field(gt=0)] = 2.0
+    cooldown_max_s: Annotated[float, Field(gt=0)] = 60.0
 
 
 class NodeSettings(_Section):

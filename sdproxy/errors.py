@@ -11,11 +11,26 @@
     ├── NoNodeAvailable             503: no healthy node can take the work
     ├── RequestTimeout              504: the request's overall deadline passed
     ├── GenerationFailed            502: shares failed and no node could take them over
+    ├── RepeatedWebuiError          two nodes raised the same webui error: passed through
     └── NodeError                   one call to one node failed
         ├── NodeUnreachable         refused, reset, DNS: nothing usable came back
         ├── NodeTimeout             the node did not answer within the deadline
         ├── NodeBadResponse         5xx, malformed or incomplete JSON
         └── NodeRejected            the node answered 4xx: the request is at fault
+
+Which failures are whose fault:
+
+- ``NodeUnreachable``, ``NodeTimeout`` and ``NodeBadResponse`` (a 5xx, a body that is not JSON or
+  is cut short, JSON without the images asked for) blame the node: it is marked down at once and
+  the images it had not delivered are planned again onto the other nodes, with the same seeds.
+- ``NodeRejected`` (a 4xx) blames the request: the node stays up and the client gets the node's
+  status and body unchanged, as every node would answer the same.
+- A 5xx whose body is the webui's own error JSON (``{"error", "detail", "body", "errors"}``) is
+  ambiguous: a CUDA out-of-memory or a broken extension on one node looks the same as a request
+  every node fails (an unknown ``override_settings`` key is a 500 ``KeyError``). sdproxy blames
+  the node the first time. When a second node answers the *same* error body for the same
+  request, it blames the request: ``RepeatedWebuiError`` passes that status and body to the
+  client, the second node is not marked down, and the first is probed again at once.
 
 Only ``nodes.py`` catches aiohttp's and asyncio's errors and raises ``NodeError``s from them; only
 the error middleware in ``app.py`` turns these exceptions into HTTP responses, through
@@ -112,6 +127,22 @@ class GenerationFailed(SdproxyError):
         return body
 
 
+class RepeatedWebuiError(SdproxyError):
+    """Two nodes answered the same webui error for one request: the request is at fault.
+
+    The node's own status and error body are passed on to the client unchanged.
+    """
+
+    def __init__(self, status: int, body: dict[str, Any], nodes: list[str]) -> None:
+        super().__init__(f"nodes {', '.join(nodes)} answered the same error")
+        self.status = status
+        self.node_body = body
+        self.nodes = nodes
+
+    def body(self) -> dict[str, Any]:
+        return self.node_body
+
+
 class NodeError(SdproxyError):
     """A call to one node failed."""
 
@@ -134,7 +165,23 @@ class NodeTimeout(NodeError):
 
 
 class NodeBadResponse(NodeError):
-    """The node answered with a server error or a body sdproxy cannot use."""
+    """The node answered with a server error or a body sdproxy cannot use.
+
+    ``webui_error`` is the body when it is the webui's own error JSON (its ``handle_exception``
+    answer), which may mean the request rather than the node is at fault; see the module text.
+    """
+
+    def __init__(
+        self,
+        node: str,
+        message: str,
+        *,
+        node_status: int | None = None,
+        webui_error: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(node, message)
+        self.node_status = node_status
+        self.webui_error = webui_error
 
 
 class NodeRejected(NodeError):

@@ -19,21 +19,20 @@ from sdproxy.errors import (
     NodeTimeout,
     NodeUnreachable,
 )
+from sdproxy.health import NodeHealth
 
 _JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
 
 
+_WEBUI_ERROR_KEYS = frozenset({"error", "detail", "body", "errors"})
+
+
 @dataclass
 class NodeStats:
-    """What sdproxy has seen of one node, for planning and /cluster/status."""
+    """What sdproxy has counted on one node, for /cluster/status (health is in NodeHealth)."""
 
-    healthy: bool = False
     images_rendered: int = 0
     requests_sent: int = 0
-    consecutive_failures: int = 0
-    last_error: str | None = None
-    last_error_at: float | None = None  # Unix time
-    last_ok_at: float | None = None
 
 
 class NodeClient:
@@ -51,6 +50,10 @@ class NodeClient:
         self.settings = settings
         self.name = settings.name
         self.stats = NodeStats()
+        self.health = NodeHealth(scheduler.cooldown_base_s, scheduler.cooldown_max_s)
+        # What the node has, refreshed by the health poller (plain data for model routing).
+        self.models: tuple[str, ...] = ()
+        self.current_model: str | None = None
         self._session = session
         self._base = URL(settings.base_url)
         self._connect_timeout_s = scheduler.connect_timeout_s
@@ -69,6 +72,20 @@ class NodeClient:
         await self.request(
             "GET", "sdapi/v1/progress", params={"skip_current_image": "true"}, timeout_s=timeout_s
         )
+
+    async def refresh_inventory(self, timeout_s: float) -> None:
+        """Read the node's checkpoint titles and its loaded checkpoint into ``models``."""
+        listed = await self.request("GET", "sdapi/v1/sd-models", timeout_s=timeout_s)
+        options = await self.request("GET", "sdapi/v1/options", timeout_s=timeout_s)
+        if not isinstance(listed, list) or not isinstance(options, dict):
+            raise NodeBadResponse(self.name, "sd-models or options is not the webui's shape")
+        self.models = tuple(
+            item["title"]
+            for item in listed
+            if isinstance(item, dict) and isinstance(item.get("title"), str)
+        )
+        current = options.get("sd_model_checkpoint")
+        self.current_model = current if isinstance(current, str) else None
 
     async def request(
         self,
@@ -113,20 +130,28 @@ class NodeClient:
         if 400 <= status < 500:
             raise NodeRejected(self.name, status, payload)
         if status >= 500 or status < 200 or status >= 300:
-            raise NodeBadResponse(self.name, f"answered {status}: {_error_text(payload)}")
+            webui_error = payload if _is_webui_error(payload) else None
+            raise NodeBadResponse(
+                self.name,
+                f"answered {status}: {_error_text(payload)}",
+                node_status=status,
+                webui_error=webui_error,
+            )
         return payload
 
-    def record_success(self, images: int = 0) -> None:
-        self.stats.healthy = True
-        self.stats.consecutive_failures = 0
-        self.stats.images_rendered += images
-        self.stats.last_ok_at = time.time()
+    @property
+    def usable(self) -> bool:
+        """Up and not disabled: the node may be given work."""
+        return self.health.usable
 
-    def record_failure(self, error: NodeError) -> None:
-        self.stats.healthy = False
-        self.stats.consecutive_failures += 1
-        self.stats.last_error = error.reason
-        self.stats.last_error_at = time.time()
+    def record_success(self, images: int = 0) -> bool:
+        """A call succeeded; True if the node was down and is back."""
+        self.stats.images_rendered += images
+        return self.health.record_ok(time.time())
+
+    def record_failure(self, error: NodeError, *, probe: bool = False) -> bool:
+        """A call failed: the node is down at once. True if it was up."""
+        return self.health.record_failure(error.reason, time.time(), probe=probe)
 
 
 def _error_text(payload: Any) -> str:
@@ -139,20 +164,28 @@ def _error_text(payload: Any) -> str:
     return "unexpected body"
 
 
+def _is_webui_error(payload: Any) -> bool:
+    """The body of the webui's own ``handle_exception``: an error the webui raised itself."""
+    return isinstance(payload, dict) and set(payload) == _WEBUI_ERROR_KEYS
+
+
+async def check_node(client: NodeClient, timeout_s: float, *, inventory: bool) -> bool:
+    """Probe one node (and read its inventory); record the outcome. True if it came back."""
+    try:
+        await client.probe(timeout_s)
+        if inventory:
+            await client.refresh_inventory(timeout_s)
+    except NodeRejected:
+        # It answered: reachable. A 401 here is the auth configuration's problem.
+        return client.record_success()
+    except NodeError as exc:
+        client.record_failure(exc, probe=True)
+        return False
+    return client.record_success()
+
+
 async def probe_all(clients: list[NodeClient], timeout_s: float) -> None:
-    """Probe every node concurrently and record the outcome on each."""
-
-    async def probe_one(client: NodeClient) -> None:
-        try:
-            await client.probe(timeout_s)
-        except NodeRejected:
-            # It answered: reachable. A 401 here is the auth configuration's problem.
-            client.record_success()
-        except NodeError as exc:
-            client.record_failure(exc)
-        else:
-            client.record_success()
-
+    """Check every node concurrently, inventory included, and record the outcome on each."""
     async with asyncio.TaskGroup() as group:
         for client in clients:
-            group.create_task(probe_one(client))
+            group.create_task(check_node(client, timeout_s, inventory=True))

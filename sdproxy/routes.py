@@ -10,7 +10,9 @@ from aiohttp import web
 from sdproxy import __version__
 from sdproxy.appkeys import cluster_key, settings_key
 from sdproxy.errors import RequestValidationError, validation_error
+from sdproxy.nodes import NodeClient
 from sdproxy.request import Kind, parse_generation
+from sdproxy.scheduler import Cluster
 
 SHARES_HEADER = "X-Sdproxy-Shares"
 
@@ -71,30 +73,51 @@ async def img2img(request: web.Request) -> web.Response:
     return await _generate(request, "img2img")
 
 
+def node_status(cluster: Cluster, client: NodeClient) -> dict[str, Any]:
+    """One node's entry in /cluster/status (times are Unix seconds)."""
+    stats, health = client.stats, client.health
+    return {
+        "name": client.name,
+        "url": client.settings.base_url,
+        "state": health.state,
+        "state_reason": health.state_reason,
+        "healthy": client.usable,
+        "weight": client.settings.weight,
+        "max_batch_size": client.settings.max_batch_size,
+        "images_rendered": stats.images_rendered,
+        "requests_sent": stats.requests_sent,
+        "queued_images": cluster.lanes[client.name].queued_images,
+        "consecutive_failures": health.consecutive_failures,
+        "last_error": health.last_error,
+        "last_error_at": health.last_error_at,
+        "last_ok_at": health.last_ok_at,
+        "next_probe_at": None if health.up else health.next_probe_at,
+        "models": list(client.models),
+        "current_model": client.current_model,
+    }
+
+
 async def cluster_status(request: web.Request) -> web.Response:
     cluster = request.app[cluster_key]
-    nodes = []
-    for client in cluster.clients:
-        stats = client.stats
-        nodes.append(
-            {
-                "name": client.name,
-                "url": client.settings.base_url,
-                "healthy": stats.healthy,
-                "weight": client.settings.weight,
-                "max_batch_size": client.settings.max_batch_size,
-                "images_rendered": stats.images_rendered,
-                "requests_sent": stats.requests_sent,
-                "queued_images": cluster.lanes[client.name].queued_images,
-                "consecutive_failures": stats.consecutive_failures,
-                "last_error": stats.last_error,
-                "last_error_at": stats.last_error_at,
-            }
-        )
+    nodes = [node_status(cluster, client) for client in cluster.clients]
     return json_response({"version": __version__, "nodes": nodes})
+
+
+async def disable_node(request: web.Request) -> web.Response:
+    cluster = request.app[cluster_key]
+    client = cluster.disable(request.match_info["name"])
+    return json_response(node_status(cluster, client))
+
+
+async def enable_node(request: web.Request) -> web.Response:
+    cluster = request.app[cluster_key]
+    client = cluster.enable(request.match_info["name"])
+    return json_response(node_status(cluster, client))
 
 
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/sdapi/v1/txt2img", txt2img)
     app.router.add_post("/sdapi/v1/img2img", img2img)
     app.router.add_get("/cluster/status", cluster_status)
+    app.router.add_post("/cluster/nodes/{name}/disable", disable_node)
+    app.router.add_post("/cluster/nodes/{name}/enable", enable_node)

@@ -4,14 +4,18 @@ A webui renders one job at a time, so each node has a lane: a FIFO of jobs (one 
 each) run one after the other by the lane's task. A request is planned into shares, each share
 cut into jobs, and the jobs queued on their nodes' lanes. When a job fails on a node, the node
 is marked down and the job, with every job still waiting on that lane, is planned again onto
-the healthy nodes: seeds were fixed up front, so any image renders the same anywhere.
+the usable nodes: seeds were fixed up front, so any image renders the same anywhere. Work that
+finds no usable node is parked until a node comes back or ``wait_for_node_s`` passes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import math
 import random
+import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -27,11 +31,13 @@ from sdproxy.errors import (
     NodeError,
     NodeRejected,
     NoNodeAvailable,
+    NotFound,
+    RepeatedWebuiError,
     RequestTimeout,
     SdproxyError,
 )
 from sdproxy.merge import BadNodeResult, Merged, Part, merge_parts, read_part, with_grid
-from sdproxy.nodes import NodeClient, probe_all
+from sdproxy.nodes import NodeClient, check_node, probe_all
 from sdproxy.planner import Chunk, NodeCapacity, Share, chunk_share, plan_split
 from sdproxy.request import GenerationRequest, Seeds, node_body, resolve_seeds
 
@@ -57,7 +63,9 @@ class Run:
     remaining: int = 0
     redispatches: int = 0
     failures: dict[str, str] = field(default_factory=dict)
+    webui_errors: dict[str, dict[str, Any]] = field(default_factory=dict)  # node -> error body
     error: SdproxyError | None = None
+    abandoned: bool = False  # the client went away
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -82,6 +90,12 @@ class Run:
             self.error = error
             self.done.set()
 
+    def abandon(self) -> None:
+        """The client disconnected: jobs not yet started are dropped."""
+        if not self.finished:
+            self.abandoned = True
+            self.done.set()
+
 
 @dataclass(eq=False)
 class Job:
@@ -90,6 +104,7 @@ class Job:
     run: Run
     chunk: Chunk
     whole: bool = False
+    parked_at: float | None = None  # loop time it started waiting for a usable node
 
 
 class Lane:
@@ -126,6 +141,9 @@ class Lane:
             job = self.pending.popleft()
             if job.run.finished:
                 continue
+            if not self.client.usable:  # went down or was disabled after the job was queued
+                self._cluster.dispatch(job)
+                continue
             self.current = job
             try:
                 await self._execute(job)
@@ -139,7 +157,7 @@ class Lane:
             body = request.body
         else:
             body = node_body(request, run.seeds, chunk.start, chunk.batch_size, chunk.n_iter)
-        timeout_s = self._cluster.settings.scheduler.share_timeout_s
+        timeout_s = self._cluster.share_deadline_s(client.name, request, chunk.images)
         try:
             response = await client.generate(request.kind, body, timeout_s)
             if job.whole:
@@ -158,7 +176,6 @@ class Lane:
             run.fail(exc)
         except NodeError as exc:
             log.warning("node %s failed images %s..: %s", client.name, chunk.start, exc.reason)
-            client.record_failure(exc)
             self._cluster.failover(self, job, exc)
         else:
             client.record_success(part.count)
@@ -179,46 +196,75 @@ class Cluster:
         self.lanes = {client.name: Lane(client, self) for client in self.clients}
         self._rng = rng or random.SystemRandom()
         self._tasks: list[asyncio.Task[None]] = []
+        self._wakes = {client.name: asyncio.Event() for client in self.clients}
+        self._parked: list[Job] = []
+        self._timers: set[asyncio.TimerHandle] = set()
 
     async def start(self) -> None:
-        """Probe every node once, then start the lanes and the health poller."""
+        """Probe every node once, then start the lanes and one health watcher per node."""
         await probe_all(self.clients, self.settings.scheduler.health_timeout_s)
         for lane in self.lanes.values():
             self._tasks.append(asyncio.create_task(lane.run_forever(), name=lane.client.name))
-        self._tasks.append(asyncio.create_task(self._poll_health(), name="health"))
+        for client in self.clients:
+            self._tasks.append(asyncio.create_task(self._watch(client), name=f"{client.name}-h"))
 
     async def aclose(self) -> None:
-        """Stop the lanes and the poller; requests still waiting fail with 503."""
+        """Stop the lanes and the watchers; requests still waiting fail with 503."""
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)  # all cancelled on purpose
         self._tasks.clear()
-        for lane in self.lanes.values():
-            for job in lane.take_pending():
-                job.run.fail(NoNodeAvailable("sdproxy is shutting down"))
+        for timer in self._timers:
+            timer.cancel()
+        self._timers.clear()
+        waiting = [job for lane in self.lanes.values() for job in lane.take_pending()]
+        for job in [*waiting, *self._parked]:
+            job.run.fail(NoNodeAvailable("sdproxy is shutting down"))
+        self._parked.clear()
+
+    def client(self, name: str) -> NodeClient:
+        """The node called ``name``; NotFound (404) if there is none."""
+        for client in self.clients:
+            if client.name == name:
+                return client
+        raise NotFound(f"no node named {name!r}")
 
     def healthy_clients(self) -> list[NodeClient]:
-        return [client for client in self.clients if client.stats.healthy]
+        """Nodes that may be given work: up and not disabled."""
+        return [client for client in self.clients if client.usable]
+
+    def predict_job_s(self, node: str, request: GenerationRequest, images: int) -> float | None:
+        """Seconds ``node`` should take for ``images`` of ``request``; None when unknown.
+
+        Issue 3's speed model fills this in; until then there is no prediction.
+        """
+        return None
+
+    def share_deadline_s(self, node: str, request: GenerationRequest, images: int) -> float:
+        """How long one node request may take before the node counts as failed."""
+        scheduler = self.settings.scheduler
+        predicted = self.predict_job_s(node, request, images)
+        if predicted is None:
+            return scheduler.share_timeout_floor_s
+        return max(scheduler.share_timeout_floor_s, scheduler.share_timeout_factor * predicted)
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
-        """Render ``request`` on the healthy nodes and merge the answers into one."""
+        """Render ``request`` on the usable nodes and merge the answers into one."""
         seeds = resolve_seeds(request, self._rng)
         run = Run(request, seeds, remaining=request.total_images)
-        healthy = self.healthy_clients()
-        if not healthy:
-            raise NoNodeAvailable("no healthy node: every node is down or unreachable")
         if request.splittable:
-            shares = plan_split(request.units, self._capacities(healthy))
-            self._queue(run, shares)
+            self.dispatch(Job(run, Chunk(0, request.total_images, 1)))
         else:
-            node = min(healthy, key=lambda c: self.lanes[c.name].queued_images / _weight(c))
-            full = Chunk(0, request.batch_size, request.n_iter)
-            self.lanes[node.name].submit(Job(run, full, whole=True))
+            self.dispatch(Job(run, Chunk(0, request.batch_size, request.n_iter), whole=True))
         try:
             async with asyncio.timeout(self.settings.scheduler.request_timeout_s):
                 await run.done.wait()
         except TimeoutError:
             run.fail(RequestTimeout("the request took longer than request_timeout_s"))
+        except asyncio.CancelledError:
+            # The client disconnected (aiohttp cancels the handler): drop unstarted jobs.
+            run.abandon()
+            raise
         if run.error is not None:
             raise run.error
         if not request.splittable:
@@ -228,27 +274,156 @@ class Cluster:
             merged = await self._add_grid(merged, request)
         return GenerationResult(merged.to_json_dict(), merged.shares)
 
+    def dispatch(self, job: Job) -> None:
+        """Queue a job's images on the usable nodes, or park it until one comes back."""
+        run = job.run
+        if run.finished:
+            return
+        usable = self.healthy_clients()
+        if not usable:
+            self._park(job)
+            return
+        job.parked_at = None
+        if job.whole:
+            node = min(usable, key=lambda c: self.lanes[c.name].queued_images / _weight(c))
+            self.lanes[node.name].submit(job)
+            return
+        unit = run.request.unit_size
+        shares = plan_split(
+            job.chunk.images // unit, self._capacities(usable), job.chunk.start // unit
+        )
+        self._queue(run, shares)
+
     def failover(self, lane: Lane, failed: Job, error: NodeError) -> None:
-        """Plan a failed job, and every job waiting behind it, onto the healthy nodes."""
-        failed.run.failures[error.node] = error.reason
-        for job in [failed, *lane.take_pending()]:
+        """Plan a failed job, and every job waiting behind it, onto the usable nodes."""
+        run, client = failed.run, lane.client
+        if not run.finished and self._same_webui_error(run, error):
+            # The request is at fault, not this node: it stays up.
+            client.record_success()
+            return
+        if client.record_failure(error):
+            log.warning("node %s is down: %s", client.name, error.reason)
+        self._wakes[client.name].set()  # its watcher now waits for the cooldown, not the interval
+        if not run.finished:
+            run.failures[error.node] = error.reason
+            run.redispatches += 1
+            if run.redispatches > self.settings.scheduler.max_redispatches:
+                failures = dict(run.failures)
+                run.fail(GenerationFailed("generation failed: too many failed attempts", failures))
+            else:
+                self.dispatch(failed)
+        self._drain(lane)
+
+    def disable(self, name: str) -> NodeClient:
+        """Take a node out of service by hand; its waiting jobs move to other nodes."""
+        client = self.client(name)
+        client.health.disable()
+        self._drain(self.lanes[name])
+        return client
+
+    def enable(self, name: str) -> NodeClient:
+        """Put a node back into service; it is probed at once."""
+        client = self.client(name)
+        client.health.enable(time.time())
+        self._wakes[name].set()
+        if client.usable:
+            self._resume_parked()
+        return client
+
+    def retry_after_s(self) -> int:
+        """When a client should try again: the next probe of a down node, at least 1 s."""
+        now = time.time()
+        due = [
+            c.health.next_probe_at
+            for c in self.clients
+            if not c.health.disabled and c.health.next_probe_at is not None
+        ]
+        wait = min(due) - now if due else self.settings.scheduler.health_interval_s
+        return max(1, math.ceil(wait))
+
+    def _same_webui_error(self, run: Run, error: NodeError) -> bool:
+        """Fail ``run`` with the error if another node already answered the same webui error."""
+        if not isinstance(error, NodeBadResponse) or error.webui_error is None:
+            return False
+        same = [
+            node
+            for node, body in run.webui_errors.items()
+            if body == error.webui_error and node != error.node
+        ]
+        if not same:
+            run.webui_errors[error.node] = error.webui_error
+            return False
+        status = error.node_status or 500
+        run.fail(RepeatedWebuiError(status, error.webui_error, [*same, error.node]))
+        for name in same:  # marked down for the request's fault: look again now
+            self.client(name).health.next_probe_at = time.time()
+            self._wakes[name].set()
+        return True
+
+    def _drain(self, lane: Lane) -> None:
+        for job in lane.take_pending():
+            self.dispatch(job)
+
+    def _park(self, job: Job) -> None:
+        loop = asyncio.get_running_loop()
+        if job.parked_at is None:
+            job.parked_at = loop.time()
+        self._parked.append(job)
+        wait_s = self.settings.scheduler.wait_for_node_s
+        timer = loop.call_at(job.parked_at + wait_s, self._expire_parked)
+        self._timers.add(timer)
+
+    def _expire_parked(self) -> None:
+        loop = asyncio.get_running_loop()
+        now, wait_s = loop.time(), self.settings.scheduler.wait_for_node_s
+        self._timers = {t for t in self._timers if t.when() > now}
+        keep: list[Job] = []
+        for job in self._parked:
             run = job.run
             if run.finished:
                 continue
-            if job is failed:
-                run.redispatches += 1
-            healthy = self.healthy_clients()
-            if job.whole and healthy:
-                self.lanes[healthy[0].name].submit(job)
-            elif run.redispatches > self.settings.scheduler.max_redispatches or not healthy:
-                why = "no healthy node left" if not healthy else "too many failed attempts"
-                run.fail(GenerationFailed(f"generation failed: {why}", failures=dict(run.failures)))
+            if job.parked_at is not None and job.parked_at + wait_s > now + 1e-3:
+                keep.append(job)
+            elif run.failures:
+                why = f"no usable node came back within {wait_s:g} s"
+                run.fail(GenerationFailed(f"generation failed: {why}", dict(run.failures)))
             else:
-                unit = run.request.unit_size
-                shares = plan_split(
-                    job.chunk.images // unit, self._capacities(healthy), job.chunk.start // unit
-                )
-                self._queue(run, shares)
+                message = "no healthy node: every node is down, unreachable or disabled"
+                run.fail(NoNodeAvailable(message, retry_after_s=self.retry_after_s()))
+        self._parked = keep
+
+    def _resume_parked(self) -> None:
+        parked, self._parked = self._parked, []
+        for job in parked:
+            self.dispatch(job)
+
+    async def _watch(self, client: NodeClient) -> None:
+        """Probe one node: every interval while up, after its cooldown while down."""
+        scheduler = self.settings.scheduler
+        wake = self._wakes[client.name]
+        polls = 0
+        while True:
+            wake.clear()
+            delay = scheduler.health_interval_s
+            health = client.health
+            if not health.up and health.next_probe_at is not None:
+                delay = max(0.0, health.next_probe_at - time.time())
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await wake.wait()
+            if not health.up and not health.probe_due(time.time()):
+                continue  # woken early: wait for the (new) cooldown
+            polls += 1
+            was_up = health.up
+            inventory = not was_up or polls % scheduler.inventory_every_polls == 0
+            came_back = await check_node(client, scheduler.health_timeout_s, inventory=inventory)
+            if came_back:
+                log.info("node %s is back", client.name)
+                if client.usable:
+                    self._resume_parked()
+            elif was_up and not health.up:
+                log.warning("node %s is down: %s", client.name, health.last_error)
+                self._drain(self.lanes[client.name])
 
     def _queue(self, run: Run, shares: Iterable[Share]) -> None:
         for share in shares:
@@ -280,12 +455,6 @@ class Cluster:
         rendered = merged.images[: request.total_images]  # not the extra images after them
         grid = await asyncio.to_thread(images.build_grid, rendered, infotexts[0])
         return with_grid(merged, grid)
-
-    async def _poll_health(self) -> None:
-        interval = self.settings.scheduler.health_interval_s
-        while True:
-            await asyncio.sleep(interval)
-            await probe_all(self.clients, self.settings.scheduler.health_timeout_s)
 
 
 def _weight(client: NodeClient) -> float:

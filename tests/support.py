@@ -14,8 +14,7 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 from PIL import Image
 
-from sdproxy.app import create_app
-from sdproxy.cli import start_site
+from sdproxy.cli import start_proxy, start_site
 from sdproxy.config import Settings
 from sdproxy.fakewebui import FakeNode, FakeNodeSettings, create_fake_app
 
@@ -57,7 +56,7 @@ async def proxy(
     """Start sdproxy in front of ``nodes`` and yield its base URL."""
     node_list = [{"name": n.name, "url": n.url} if isinstance(n, RunningNode) else n for n in nodes]
     settings = Settings.model_validate({"server": {"port": 0}, **sections, "nodes": node_list})
-    runner = await start_site(create_app(settings), "127.0.0.1", 0)
+    runner = await start_proxy(settings, "127.0.0.1", 0)
     try:
         yield f"http://127.0.0.1:{bound_port(runner)}"
     finally:
