@@ -34,7 +34,7 @@ class ServerSettings(_Section):
     port: Annotated[int, Field(ge=0, le=65535)] = 7860
     max_body_mb: Annotated[float, Field(gt=0)] = 64.0
     max_images_per_request: Annotated[int, Field(ge=1)] = 1000
-    shutdown_grace_s: Annotated[float, Field(ge=0)] = 30.0
+    shutdown_grace_s: Annotated[float, Field(gt=0)] = 30.0
 
 
 class SchedulerSettings(_Section):

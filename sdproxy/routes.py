@@ -100,7 +100,8 @@ def node_status(cluster: Cluster, client: NodeClient) -> dict[str, Any]:
 async def cluster_status(request: web.Request) -> web.Response:
     cluster = request.app[cluster_key]
     nodes = [node_status(cluster, client) for client in cluster.clients]
-    return json_response({"version": __version__, "nodes": nodes})
+    body = {"version": __version__, "waiting_images": cluster.waiting_images, "nodes": nodes}
+    return json_response(body)
 
 
 async def disable_node(request: web.Request) -> web.Response:

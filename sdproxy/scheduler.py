@@ -233,6 +233,11 @@ class Cluster:
         """Nodes that may be given work: up and not disabled."""
         return [client for client in self.clients if client.usable]
 
+    @property
+    def waiting_images(self) -> int:
+        """Images of requests parked until a node comes back."""
+        return sum(job.chunk.images for job in self._parked if not job.run.finished)
+
     def predict_job_s(self, node: str, request: GenerationRequest, images: int) -> float | None:
         """Seconds ``node`` should take for ``images`` of ``request``; None when unknown.
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
-from collections.abc import AsyncIterator, Sequence
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -74,3 +78,113 @@ def pixels(image_b64: str) -> bytes:
     """The decoded pixel data of a base64 image, for pixel-exact comparisons."""
     with Image.open(io.BytesIO(base64.b64decode(image_b64))) as image:
         return image.convert("RGB").tobytes()
+
+
+async def wait_until(
+    check: Callable[[], Awaitable[bool]], timeout_s: float = 20.0, what: str = "condition"
+) -> None:
+    """Poll ``check`` until it is true; fail the test after ``timeout_s``."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            while not await check():  # noqa: ASYNC110  # state is remote (HTTP), no Event to await
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}") from None
+
+
+async def cluster_status(session: aiohttp.ClientSession, url: str) -> dict[str, Any]:
+    async with session.get(f"{url}/cluster/status") as resp:
+        assert resp.status == 200
+        status: dict[str, Any] = await resp.json()
+        return status
+
+
+async def node_state(session: aiohttp.ClientSession, url: str, name: str) -> dict[str, Any]:
+    """One node's entry in sdproxy's /cluster/status."""
+    status = await cluster_status(session, url)
+    entry: dict[str, Any] = next(n for n in status["nodes"] if n["name"] == name)
+    return entry
+
+
+class NodeProcess:
+    """A fake webui node run as a subprocess (``python -m sdproxy fake-node``), to kill by PID."""
+
+    def __init__(self, name: str, port: int, *flags: str) -> None:
+        self.name, self.port, self.flags = name, port, flags
+        self.url = f"http://127.0.0.1:{port}"
+        self.process: asyncio.subprocess.Process | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    async def start(self, *flags: str) -> None:
+        """Start the node (with ``flags``, or those given at creation) and wait until it answers."""
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "sdproxy",
+            "--log-level",
+            "WARNING",
+            "fake-node",
+            "--port",
+            str(self.port),
+            "--name",
+            self.name,
+            *(flags or self.flags),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        async with aiohttp.ClientSession() as session:
+
+            async def answers() -> bool:
+                assert self.process is not None
+                if self.process.returncode is not None:
+                    raise RuntimeError(f"fake node {self.name} exited early")
+                try:
+                    async with session.get(f"{self.url}/internal/ping") as resp:
+                        return resp.status == 200
+                except aiohttp.ClientError:
+                    return False
+
+            await wait_until(answers, what=f"{self.name} to start")
+
+    def kill(self) -> None:
+        """SIGKILL: the node dies at once, mid-request or not."""
+        if self.process is not None and self.process.returncode is None:
+            os.kill(self.pid, signal.SIGKILL)
+
+    async def wait(self) -> int:
+        assert self.process is not None
+        return await self.process.wait()
+
+    async def stop(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.kill()
+        if self.process is not None:
+            await self.process.wait()
+
+    async def busy(self, session: aiohttp.ClientSession) -> bool:
+        """The node is rendering (its /progress reports a job)."""
+        try:
+            async with session.get(f"{self.url}/sdapi/v1/progress") as resp:
+                progress = await resp.json()
+        except aiohttp.ClientError:
+            return False
+        return bool(progress["state"]["job_count"] != 0)
+
+
+@asynccontextmanager
+async def node_processes(*flag_sets: Sequence[str]) -> AsyncIterator[list[NodeProcess]]:
+    """One subprocess fake node per flag list, on free ports, stopped at the end."""
+    from sdproxy.cli import free_port
+
+    processes = [NodeProcess(f"p{i}", free_port(), *flags) for i, flags in enumerate(flag_sets)]
+    try:
+        for process in processes:
+            await process.start()
+        yield processes
+    finally:
+        for process in processes:
+            await process.stop()
