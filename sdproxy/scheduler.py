@@ -162,7 +162,7 @@ class Lane:
             response = await client.generate(request.kind, body, timeout_s)
             if job.whole:
                 run.complete_whole(response)
-                client.record_success()
+                self._succeeded()
                 return
             try:
                 part = read_part(
@@ -172,14 +172,19 @@ class Lane:
                 raise NodeBadResponse(client.name, str(exc)) from exc
         except NodeRejected as exc:
             # The node is fine; the request is not. Every node would say the same.
-            client.record_success()
+            self._succeeded()
             run.fail(exc)
         except NodeError as exc:
             log.warning("node %s failed images %s..: %s", client.name, chunk.start, exc.reason)
             self._cluster.failover(self, job, exc)
         else:
-            client.record_success(part.count)
+            self._succeeded(part.count)
             run.add(part)
+
+    def _succeeded(self, images: int = 0) -> None:
+        if self.client.record_success(images) and self.client.usable:
+            # A probe had marked it down meanwhile: work parked for a node can use it now.
+            self._cluster.resume_parked()
 
 
 class Cluster:
@@ -332,7 +337,7 @@ class Cluster:
         client.health.enable(time.time())
         self._wakes[name].set()
         if client.usable:
-            self._resume_parked()
+            self.resume_parked()
         return client
 
     def retry_after_s(self) -> int:
@@ -397,7 +402,8 @@ class Cluster:
                 run.fail(NoNodeAvailable(message, retry_after_s=self.retry_after_s()))
         self._parked = keep
 
-    def _resume_parked(self) -> None:
+    def resume_parked(self) -> None:
+        """Dispatch the work that waits for a usable node."""
         parked, self._parked = self._parked, []
         for job in parked:
             self.dispatch(job)
@@ -425,7 +431,7 @@ class Cluster:
             if came_back:
                 log.info("node %s is back", client.name)
                 if client.usable:
-                    self._resume_parked()
+                    self.resume_parked()
             elif was_up and not health.up:
                 log.warning("node %s is down: %s", client.name, health.last_error)
                 self._drain(self.lanes[client.name])
