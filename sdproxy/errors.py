@@ -28,9 +28,11 @@ Which failures are whose fault:
 - A 5xx whose body is the webui's own error JSON (``{"error", "detail", "body", "errors"}``) is
   ambiguous: a CUDA out-of-memory or a broken extension on one node looks the same as a request
   every node fails (an unknown ``override_settings`` key is a 500 ``KeyError``). sdproxy blames
-  the node the first time. When a second node answers the *same* error body for the same
-  request, it blames the request: ``RepeatedWebuiError`` passes that status and body to the
-  client, the second node is not marked down, and the first is probed again at once.
+  the node the first time. When the *same* error body comes back a second time for the same
+  request (from another node, or from the same node after it passed a probe), it blames the
+  request: ``RepeatedWebuiError`` passes that status and body to the client, the node that
+  answered it second is not marked down, and the first is probed again at once. A one-node
+  cluster thus passes such an error on after one retry.
 
 Only ``nodes.py`` catches aiohttp's and asyncio's errors and raises ``NodeError``s from them; only
 the error middleware in ``app.py`` turns these exceptions into HTTP responses, through
@@ -128,7 +130,7 @@ class GenerationFailed(SdproxyError):
 
 
 class RepeatedWebuiError(SdproxyError):
-    """Two nodes answered the same webui error for one request: the request is at fault.
+    """The same webui error came back twice for one request: the request is at fault.
 
     The node's own status and error body are passed on to the client unchanged.
     """

@@ -29,10 +29,16 @@ _WEBUI_ERROR_KEYS = frozenset({"error", "detail", "body", "errors"})
 
 @dataclass
 class NodeStats:
-    """What sdproxy has counted on one node, for /cluster/status (health is in NodeHealth)."""
+    """What sdproxy has seen of one node, for planning and /cluster/status."""
 
+    health: NodeHealth
     images_rendered: int = 0
     requests_sent: int = 0
+
+    @property
+    def healthy(self) -> bool:
+        """The node may be given work: up and not disabled."""
+        return self.health.usable
 
 
 class NodeClient:
@@ -49,8 +55,8 @@ class NodeClient:
     ) -> None:
         self.settings = settings
         self.name = settings.name
-        self.stats = NodeStats()
         self.health = NodeHealth(scheduler.cooldown_base_s, scheduler.cooldown_max_s)
+        self.stats = NodeStats(self.health)
         # What the node has, refreshed by the health poller (plain data for model routing).
         self.models: tuple[str, ...] = ()
         self.current_model: str | None = None

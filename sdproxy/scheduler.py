@@ -352,22 +352,20 @@ class Cluster:
         return max(1, math.ceil(wait))
 
     def _same_webui_error(self, run: Run, error: NodeError) -> bool:
-        """Fail ``run`` with the error if another node already answered the same webui error."""
+        """Fail ``run`` with the error if a node already answered this webui error for it."""
         if not isinstance(error, NodeBadResponse) or error.webui_error is None:
             return False
-        same = [
-            node
-            for node, body in run.webui_errors.items()
-            if body == error.webui_error and node != error.node
-        ]
+        # The same node counts too: it passed a probe since, so it is up and means it.
+        same = [node for node, body in run.webui_errors.items() if body == error.webui_error]
         if not same:
             run.webui_errors[error.node] = error.webui_error
             return False
         status = error.node_status or 500
         run.fail(RepeatedWebuiError(status, error.webui_error, [*same, error.node]))
         for name in same:  # marked down for the request's fault: look again now
-            self.client(name).health.next_probe_at = time.time()
-            self._wakes[name].set()
+            if name != error.node:
+                self.client(name).health.next_probe_at = time.time()
+                self._wakes[name].set()
         return True
 
     def _drain(self, lane: Lane) -> None:

@@ -123,6 +123,26 @@ class TestFailoverInsideARequest:
             states = [(await node_state(session, url, n.name))["state"] for n in nodes]
             assert "up" in states  # not every node was marked down for the request's fault
 
+    async def test_one_node_repeating_a_webui_error_passes_it_on(self) -> None:
+        """A lone node answers the same 500 again after passing a probe: the client gets it."""
+        async with (
+            fake_nodes(FakeNodeSettings(name="n0")) as nodes,
+            proxy(nodes, **fast()) as url,
+            aiohttp.ClientSession() as session,
+        ):
+            nodes[0].node.fault = Fault("error500")
+            status, answer, _ = await post_json(
+                session, f"{url}/sdapi/v1/txt2img", {"batch_size": 2, **SMALL}
+            )
+            assert status == 500
+            assert answer == {
+                "error": "RuntimeError",
+                "detail": "",
+                "body": "",
+                "errors": "simulated failure",
+            }
+            assert (await node_state(session, url, "n0"))["state"] == "up"
+
     async def test_no_node_left_is_502_naming_the_nodes(self) -> None:
         """Every node fails and the re-dispatch limit is reached: 502 names each node."""
         async with (

@@ -82,3 +82,24 @@ class TestKilledNodes:
             assert "p0:" in headers["X-Sdproxy-Shares"]
             single = await reference_answer(session, reference[0], "txt2img", body, proxied)
             assert_same_as_one_node(proxied, single, body)
+
+    async def test_idle_node_killed_is_found_by_the_poller(self) -> None:
+        """A node dying between requests is marked down by a probe; no request pays for it."""
+        async with (
+            node_processes([], []) as procs,
+            proxy([{"name": p.name, "url": p.url} for p in procs], **fast()) as url,
+            aiohttp.ClientSession() as session,
+        ):
+            procs[0].kill()
+
+            async def probed_down() -> bool:
+                state = await node_state(session, url, "p0")
+                return bool(state["state"] == "down" and state["state_reason"] == "probe failed")
+
+            await wait_until(probed_down, what="the poller to mark p0 down")
+            body = {"batch_size": 4, "seed": 1, **SMALL}
+            status, proxied, headers = await post_json(session, f"{url}/sdapi/v1/txt2img", body)
+            assert status == 200, proxied
+            assert_complete(proxied, body)
+            assert headers["X-Sdproxy-Shares"] == "p1:0-3"
+            assert (await node_state(session, url, "p1"))["consecutive_failures"] == 0
