@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fake.add_argument(
         "--fail-times",
-        type=int,
+        type=_count,
         default=None,
         help="fail only the first N generation requests (default: all)",
     )
@@ -82,6 +82,16 @@ def _non_negative(text: str) -> float:
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
 
