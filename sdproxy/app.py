@@ -10,9 +10,12 @@ import orjson
 from aiohttp import web
 
 from sdproxy import __version__, routes
-from sdproxy.appkeys import cluster_key, session_key, settings_key
+from sdproxy.accesslog import make_access_middleware
+from sdproxy.appkeys import autosave_key, cluster_key, metrics_key, session_key, settings_key
+from sdproxy.autosave import Autosaver
 from sdproxy.config import Settings
 from sdproxy.errors import SdproxyError, webui_error_body
+from sdproxy.metrics import Metrics
 from sdproxy.routes import json_response
 from sdproxy.scheduler import Cluster
 
@@ -55,7 +58,7 @@ async def _client_session(app: web.Application) -> AsyncIterator[None]:
 
 async def _cluster(app: web.Application) -> AsyncIterator[None]:
     # Registered after the session, so it stops first: lanes end before the session closes.
-    cluster = Cluster(app[settings_key], app[session_key])
+    cluster = Cluster(app[settings_key], app[session_key], metrics=app[metrics_key])
     await cluster.start()
     app[cluster_key] = cluster
     try:
@@ -64,15 +67,34 @@ async def _cluster(app: web.Application) -> AsyncIterator[None]:
         await cluster.aclose()
 
 
+async def _autosave(app: web.Application) -> AsyncIterator[None]:
+    # Registered last, so it stops first: handlers are done, saves already submitted finish.
+    directory = app[settings_key].autosave.path
+    if directory is None:
+        yield
+        return
+    saver = Autosaver(directory, app[metrics_key])
+    app[autosave_key] = saver
+    log.info("autosave: every image returned to a client is also written to %s", directory)
+    try:
+        yield
+    finally:
+        await saver.aclose()
+
+
 def create_app(settings: Settings) -> web.Application:
     """The sdproxy application for ``settings``; resources open when it starts."""
+    metrics = Metrics()  # one registry per app: tests run many apps in one process
     app = web.Application(
-        middlewares=[error_middleware],
+        # The access log is outermost: it sees the status the error middleware answered.
+        middlewares=[make_access_middleware(metrics), error_middleware],
         client_max_size=int(settings.server.max_body_mb * 1024 * 1024),
     )
     app[settings_key] = settings
+    app[metrics_key] = metrics
     app.cleanup_ctx.append(_client_session)
     app.cleanup_ctx.append(_cluster)
+    app.cleanup_ctx.append(_autosave)
     routes.add_routes(app)
     log.debug("sdproxy %s app created for %d nodes", __version__, len(settings.nodes))
     return app

@@ -19,6 +19,7 @@ from sdproxy.app import create_app
 from sdproxy.config import Settings, load_settings
 from sdproxy.errors import ConfigError
 from sdproxy.fakewebui import FakeNode, FakeNodeSettings, Fault, create_fake_app
+from sdproxy.logs import configure_logging
 
 EXIT_OK = 0
 EXIT_CONFIG = 2  # bad configuration or arguments, like argparse's own usage errors
@@ -35,10 +36,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
+    parser.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default=None,
+        help="log lines as text or JSON objects (default: [server] log_format, else text)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the proxy")
-    serve.add_argument("--config", type=Path, required=True, help="TOML configuration file")
+    serve.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="TOML configuration file (without it: SDPROXY_* environment variables only)",
+    )
 
     fake = commands.add_parser("fake-node", help="run one simulated webui node")
     fake.add_argument("--host", default="127.0.0.1")
@@ -105,12 +117,12 @@ def _model_list(text: str) -> tuple[str, ...]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     try:
-        if args.command == "serve":
-            asyncio.run(_serve(load_settings(args.config)))
+        settings = load_settings(args.config) if args.command == "serve" else None
+        from_config = settings.server.log_format if settings is not None else "text"
+        configure_logging(args.log_level, args.log_format or from_config)
+        if settings is not None:
+            asyncio.run(_serve(settings))
         elif args.command == "fake-node":
             fake = FakeNodeSettings(
                 name=args.name,

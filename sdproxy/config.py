@@ -5,7 +5,7 @@ from __future__ import annotations
 import tomllib
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AnyHttpUrl,
@@ -35,6 +35,7 @@ class ServerSettings(_Section):
     max_body_mb: Annotated[float, Field(gt=0)] = 64.0
     max_images_per_request: Annotated[int, Field(ge=1)] = 1000
     shutdown_grace_s: Annotated[float, Field(gt=0)] = 30.0
+    log_format: Literal["text", "json"] = "text"
 
 
 class SchedulerSettings(_Section):
@@ -51,6 +52,16 @@ class SchedulerSettings(_Section):
     inventory_every_polls: Annotated[int, Field(ge=1)] = 12
     cooldown_base_s: Annotated[float, Field(gt=0)] = 2.0
     cooldown_max_s: Annotated[float, Field(gt=0)] = 60.0
+
+
+class AutosaveSettings(_Section):
+    """Where every image returned to a client is also written as PNG ("" = off)."""
+
+    dir: str = ""
+
+    @property
+    def path(self) -> Path | None:
+        return Path(self.dir) if self.dir.strip() else None
 
 
 class NodeSettings(_Section):
@@ -88,6 +99,7 @@ class Settings(BaseSettings):
 
     server: ServerSettings = ServerSettings()
     scheduler: SchedulerSettings = SchedulerSettings()
+    autosave: AutosaveSettings = AutosaveSettings()
     nodes: Annotated[list[NodeSettings], Field(min_length=1)]
 
     @model_validator(mode="after")

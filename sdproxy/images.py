@@ -29,12 +29,17 @@ def decode_b64_image(data: str) -> Image.Image:
 
 def encode_png(image: Image.Image, infotext: str | None) -> str:
     """Encode ``image`` as base64 PNG, with the webui's ``parameters`` text chunk."""
+    return base64.b64encode(png_bytes(image, infotext)).decode("ascii")
+
+
+def png_bytes(image: Image.Image, infotext: str | None) -> bytes:
+    """``image`` as PNG file bytes, with the webui's ``parameters`` text chunk."""
     info = PngImagePlugin.PngInfo()
     if infotext is not None:
         info.add_text("parameters", infotext)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return buffer.getvalue()
 
 
 def grid_shape(count: int) -> tuple[int, int]:

@@ -7,8 +7,10 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from sdproxy import __version__
-from sdproxy.appkeys import cluster_key, settings_key
+from sdproxy import __version__, metrics
+from sdproxy.accesslog import Outcome, outcome_key
+from sdproxy.appkeys import autosave_key, cluster_key, metrics_key, settings_key
+from sdproxy.dashboard import cluster_page, in_flight
 from sdproxy.errors import RequestValidationError, validation_error
 from sdproxy.nodes import NodeClient
 from sdproxy.request import Kind, parse_generation
@@ -62,7 +64,11 @@ async def _generate(request: web.Request, kind: Kind) -> web.Response:
     generation = parse_generation(kind, body, max_images=settings.server.max_images_per_request)
     result = await request.app[cluster_key].generate(generation)
     headers = {SHARES_HEADER: format_shares(result.shares)} if result.shares else None
-    return json_response(result.body, headers=headers)
+    response = json_response(result.body, headers=headers)
+    request[outcome_key] = Outcome(generation.total_images, result.shares)
+    if autosave_key in request.app:
+        request.app[autosave_key].submit(result.body, result.shares)
+    return response
 
 
 async def txt2img(request: web.Request) -> web.Response:
@@ -83,6 +89,7 @@ def node_status(cluster: Cluster, client: NodeClient) -> dict[str, Any]:
         "state_reason": health.state_reason,
         "healthy": client.usable,
         "weight": client.settings.weight,
+        "speed_estimate": metrics.speed_estimate(client),
         "max_batch_size": client.settings.max_batch_size,
         "images_rendered": stats.images_rendered,
         "requests_sent": stats.requests_sent,
@@ -100,7 +107,12 @@ def node_status(cluster: Cluster, client: NodeClient) -> dict[str, Any]:
 async def cluster_status(request: web.Request) -> web.Response:
     cluster = request.app[cluster_key]
     nodes = [node_status(cluster, client) for client in cluster.clients]
-    body = {"version": __version__, "waiting_images": cluster.waiting_images, "nodes": nodes}
+    body = {
+        "version": __version__,
+        "waiting_images": cluster.waiting_images,
+        "nodes": nodes,
+        "in_flight": in_flight(cluster),
+    }
     return json_response(body)
 
 
@@ -116,9 +128,16 @@ async def enable_node(request: web.Request) -> web.Response:
     return json_response(node_status(cluster, client))
 
 
+async def prometheus_metrics(request: web.Request) -> web.Response:
+    text = request.app[metrics_key].render(request.app.get(cluster_key))
+    return web.Response(body=text, headers={"Content-Type": metrics.CONTENT_TYPE})
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/sdapi/v1/txt2img", txt2img)
     app.router.add_post("/sdapi/v1/img2img", img2img)
     app.router.add_get("/cluster/status", cluster_status)
     app.router.add_post("/cluster/nodes/{name}/disable", disable_node)
     app.router.add_post("/cluster/nodes/{name}/enable", enable_node)
+    app.router.add_get("/cluster", cluster_page)
+    app.router.add_get("/metrics", prometheus_metrics)

@@ -36,7 +36,9 @@ from sdproxy.errors import (
     RequestTimeout,
     SdproxyError,
 )
+from sdproxy.logs import request_id_var
 from sdproxy.merge import BadNodeResult, Merged, Part, merge_parts, read_part, with_grid
+from sdproxy.metrics import Metrics
 from sdproxy.nodes import NodeClient, check_node, probe_all
 from sdproxy.planner import Chunk, NodeCapacity, Share, chunk_share, plan_split
 from sdproxy.request import GenerationRequest, Seeds, node_body, resolve_seeds
@@ -67,6 +69,8 @@ class Run:
     error: SdproxyError | None = None
     abandoned: bool = False  # the client went away
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    request_id: str | None = field(default_factory=request_id_var.get)
+    started_at: float = field(default_factory=time.time)  # Unix time, for the dashboard
 
     @property
     def finished(self) -> bool:
@@ -158,11 +162,13 @@ class Lane:
         else:
             body = node_body(request, run.seeds, chunk.start, chunk.batch_size, chunk.n_iter)
         timeout_s = self._cluster.share_deadline_s(client.name, request, chunk.images)
+        metrics, started = self._cluster.metrics, time.perf_counter()
         try:
             response = await client.generate(request.kind, body, timeout_s)
             if job.whole:
                 run.complete_whole(response)
                 self._succeeded()
+                metrics.observe_job(client.name, "ok", time.perf_counter() - started)
                 return
             try:
                 part = read_part(
@@ -173,12 +179,15 @@ class Lane:
         except NodeRejected as exc:
             # The node is fine; the request is not. Every node would say the same.
             self._succeeded()
+            metrics.observe_job(client.name, "rejected", time.perf_counter() - started)
             run.fail(exc)
         except NodeError as exc:
             log.warning("node %s failed images %s..: %s", client.name, chunk.start, exc.reason)
+            metrics.observe_job(client.name, "error", time.perf_counter() - started)
             self._cluster.failover(self, job, exc)
         else:
             self._succeeded(part.count)
+            metrics.observe_job(client.name, "ok", time.perf_counter() - started, part.count)
             run.add(part)
 
     def _succeeded(self, images: int = 0) -> None:
@@ -195,8 +204,11 @@ class Cluster:
         settings: Settings,
         session: aiohttp.ClientSession,
         rng: random.Random | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.runs: set[Run] = set()  # requests in flight, for /cluster/status
         self.clients = [NodeClient(session, node, settings.scheduler) for node in settings.nodes]
         self.lanes = {client.name: Lane(client, self) for client in self.clients}
         self._rng = rng or random.SystemRandom()
@@ -266,6 +278,7 @@ class Cluster:
             self.dispatch(Job(run, Chunk(0, request.total_images, 1)))
         else:
             self.dispatch(Job(run, Chunk(0, request.batch_size, request.n_iter), whole=True))
+        self.runs.add(run)
         try:
             async with asyncio.timeout(self.settings.scheduler.request_timeout_s):
                 await run.done.wait()
@@ -275,6 +288,8 @@ class Cluster:
             # The client disconnected (aiohttp cancels the handler): drop unstarted jobs.
             run.abandon()
             raise
+        finally:
+            self.runs.discard(run)
         if run.error is not None:
             raise run.error
         if not request.splittable:
@@ -311,6 +326,7 @@ class Cluster:
             # The request is at fault, not this node: it stays up.
             client.record_success()
             return
+        self.metrics.observe_failover(error.node)
         if client.record_failure(error):
             log.warning("node %s is down: %s", client.name, error.reason)
         self._wakes[client.name].set()  # its watcher now waits for the cooldown, not the interval

@@ -81,15 +81,17 @@ def pixels(image_b64: str) -> bytes:
 
 
 async def wait_until(
-    check: Callable[[], Awaitable[bool]], timeout_s: float = 20.0, what: str = "condition"
+    condition: Callable[[], bool | Awaitable[bool]], what: str, timeout_s: float = 20.0
 ) -> None:
-    """Poll ``check`` until it is true; fail the test after ``timeout_s``."""
-    try:
-        async with asyncio.timeout(timeout_s):
-            while not await check():  # noqa: ASYNC110  # state is remote (HTTP), no Event to await
-                await asyncio.sleep(0.02)
-    except TimeoutError:
-        raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}") from None
+    """Poll ``condition`` until it holds: state that changes on another task's clock."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        result = condition()
+        if result if isinstance(result, bool) else await result:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
 
 
 async def cluster_status(session: aiohttp.ClientSession, url: str) -> dict[str, Any]:

@@ -1,0 +1,78 @@
+"""Logging set-up: text or JSON lines, each stamped with the id of the request it belongs to."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from contextvars import ContextVar
+from typing import Any, Literal
+
+LogFormat = Literal["text", "json"]
+
+# Set by the access middleware for the duration of one client request; read by log records
+# and by the scheduler (which names the request on the dashboard).
+request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s%(request_suffix)s"
+
+# Attributes every LogRecord has; anything else came in through ``extra=``.
+_STANDARD_ATTRS = frozenset(
+    vars(logging.LogRecord("", 0, "", 0, "", None, None)).keys()
+    | {"message", "asctime", "request_id", "request_suffix"}
+)
+
+
+class RequestIdFilter(logging.Filter):
+    """Stamp every record with the current request id (``None`` outside a request)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        rid = getattr(record, "request_id", None) or request_id_var.get()
+        record.request_id = rid
+        # Access lines carry the id in their own text; other lines get it appended.
+        fields = getattr(record, "fields", None)
+        has_own_id = isinstance(fields, dict) and "request_id" in fields
+        record.request_suffix = f" [request_id={rid}]" if rid and not has_own_id else ""
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, request id, structured fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        rid = getattr(record, "request_id", None)
+        if rid:
+            entry["request_id"] = rid
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            entry.update(fields)
+        for key, value in vars(record).items():
+            if key not in _STANDARD_ATTRS and key != "fields" and key not in entry:
+                entry[key] = value
+        if record.exc_info:
+            entry["exc_info"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str, ensure_ascii=False)
+
+
+def configure_logging(level: str, log_format: LogFormat) -> None:
+    """Send every log record to stderr, one line each, in ``log_format``."""
+    handler = logging.StreamHandler()
+    handler.addFilter(RequestIdFilter())
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter(TEXT_FORMAT))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+    # aiohttp's own access log is replaced by sdproxy.access; keep it quiet if enabled anyway.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

@@ -1,0 +1,110 @@
+"""Prometheus metrics: one registry per app, recorded by the access log and the scheduler."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+if TYPE_CHECKING:
+    from sdproxy.nodes import NodeClient
+    from sdproxy.scheduler import Cluster
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# Requests range from a status call (ms) to big batches on slow GPUs (many minutes).
+_REQUEST_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+_JOB_BUCKETS_S = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 900)
+
+
+def speed_estimate(client: NodeClient) -> float:
+    """A node's current relative speed: the one figure the planner splits by."""
+    return client.settings.weight
+
+
+class Metrics:
+    """The app's Prometheus collectors; counters are recorded as things happen, node gauges
+    are read from the cluster when scraped."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "sdproxy_http_requests",
+            "HTTP requests answered, by route and status.",
+            ["method", "route", "status"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "sdproxy_http_request_duration_seconds",
+            "Time from request received to response ready, by route.",
+            ["route"],
+            buckets=_REQUEST_BUCKETS_S,
+            registry=r,
+        )
+        self.images_rendered = Counter(
+            "sdproxy_node_images_rendered",
+            "Images a node rendered into client responses.",
+            ["node"],
+            registry=r,
+        )
+        self.job_duration = Histogram(
+            "sdproxy_node_job_duration_seconds",
+            "Duration of one request (a share, or part of one) to a node, by outcome.",
+            ["node", "outcome"],
+            buckets=_JOB_BUCKETS_S,
+            registry=r,
+        )
+        self.failovers = Counter(
+            "sdproxy_failovers",
+            "Jobs re-planned onto other nodes after a node failed them, by failed node.",
+            ["node"],
+            registry=r,
+        )
+        self.node_healthy = Gauge(
+            "sdproxy_node_healthy", "1 when the node is healthy, else 0.", ["node"], registry=r
+        )
+        self.queued_images = Gauge(
+            "sdproxy_node_queued_images",
+            "Images waiting or rendering on the node.",
+            ["node"],
+            registry=r,
+        )
+        self.node_speed = Gauge(
+            "sdproxy_node_speed_estimate",
+            "The node's relative speed the planner splits batches by.",
+            ["node"],
+            registry=r,
+        )
+        self.autosave_errors = Counter(
+            "sdproxy_autosave_errors",
+            "Images autosave could not write, by error kind.",
+            ["kind"],
+            registry=r,
+        )
+
+    def observe_request(self, method: str, route: str, status: int, duration_s: float) -> None:
+        self.requests.labels(method, route, str(status)).inc()
+        self.request_duration.labels(route).observe(duration_s)
+
+    def observe_job(self, node: str, outcome: str, duration_s: float, images: int = 0) -> None:
+        """One node job ended (``ok``, ``error`` or ``rejected``), ``images`` rendered."""
+        self.job_duration.labels(node, outcome).observe(duration_s)
+        if images:
+            self.images_rendered.labels(node).inc(images)
+
+    def observe_failover(self, node: str) -> None:
+        self.failovers.labels(node).inc()
+
+    def render(self, cluster: Cluster | None) -> bytes:
+        """The text exposition, node gauges refreshed from ``cluster``."""
+        if cluster is not None:
+            for client in cluster.clients:
+                name = client.name
+                self.node_healthy.labels(name).set(1 if client.stats.healthy else 0)
+                self.queued_images.labels(name).set(cluster.lanes[name].queued_images)
+                self.node_speed.labels(name).set(speed_estimate(client))
+                # Nodes with nothing yet still show up, at zero, so dashboards see them.
+                self.images_rendered.labels(name)
+                self.failovers.labels(name)
+        return generate_latest(self.registry)
