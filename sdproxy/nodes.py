@@ -23,7 +23,6 @@ from sdproxy.health import NodeHealth
 
 _JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
 
-
 _WEBUI_ERROR_KEYS = frozenset({"error", "detail", "body", "errors"})
 
 
@@ -131,7 +130,7 @@ class NodeClient:
             if 400 <= status < 500:
                 raise NodeRejected(self.name, status, raw.decode(errors="replace")) from exc
             raise NodeBadResponse(
-                self.name, f"answered {status} with a body that is not JSON"
+                self.name, f"answered {status} with a body that is not JSON", node_status=status
             ) from exc
         if 400 <= status < 500:
             raise NodeRejected(self.name, status, payload)

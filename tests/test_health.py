@@ -1,12 +1,19 @@
-"""The node health state machine and its cooldown, without I/O."""
+"""The node health state machine and its cooldown; how NodeClient classifies server errors."""
 
 from __future__ import annotations
 
+import aiohttp
 import pytest
+from aioresponses import aioresponses
 from hypothesis import given
 from hypothesis import strategies as st
 
+from sdproxy.config import NodeSettings, SchedulerSettings
+from sdproxy.errors import NodeBadResponse
 from sdproxy.health import NodeHealth, cooldown_s
+from sdproxy.nodes import NodeClient
+
+NODE = NodeSettings.model_validate({"name": "n", "url": "http://node.test"})
 
 
 class TestCooldown:
@@ -89,3 +96,34 @@ class TestNodeHealth:
         """Nothing is known of a node before its first probe: it gets no work."""
         health = NodeHealth()
         assert (health.state, health.usable, health.reason) == ("down", False, "not probed yet")
+
+
+class TestNodeErrors:
+    """How a node's 5xx is classified: the webui's own error body is kept for the repeat rule."""
+
+    @pytest.mark.parametrize(
+        ("status", "body", "webui_error"),
+        [
+            (
+                500,
+                b'{"error":"KeyError","detail":"","body":"","errors":"\'nope\'"}',
+                {"error": "KeyError", "detail": "", "body": "", "errors": "'nope'"},
+            ),
+            (500, b'{"detail":"Internal Server Error"}', None),
+            (502, b"<html>Bad Gateway</html>", None),
+            (503, b'{"error":"x"}', None),
+        ],
+    )
+    async def test_server_error_keeps_only_webui_error_bodies(
+        self, status: int, body: bytes, webui_error: dict[str, str] | None
+    ) -> None:
+        """Only a body of exactly the webui's four keys counts as the webui's own error."""
+        with aioresponses() as mocked:
+            mocked.post("http://node.test/sdapi/v1/txt2img", status=status, body=body)
+            async with aiohttp.ClientSession() as session:
+                client = NodeClient(session, NODE, SchedulerSettings())
+                with pytest.raises(NodeBadResponse) as caught:
+                    await client.generate("txt2img", {}, timeout_s=5)
+        assert caught.value.webui_error == webui_error
+        assert caught.value.node_status == status
+        assert str(status) in caught.value.reason
