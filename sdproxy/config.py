@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 from contextvars import ContextVar
 from pathlib import Path
@@ -54,6 +55,29 @@ class SchedulerSettings(_Section):
     cooldown_max_s: Annotated[float, Field(gt=0)] = 60.0
 
 
+_RESERVED_PREFIXES = frozenset(
+    {"sdapi", "cluster", "internal", "metrics", "openapi.json", "docs", "redoc"}
+)
+
+
+class ApiSettings(_Section):
+    """The webui API beyond generation: timeouts of node calls and forwarded extension routes."""
+
+    read_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    write_timeout_s: Annotated[float, Field(gt=0)] = 600.0  # POST options waits for a model load
+    extension_prefixes: tuple[str, ...] = ("controlnet", "adetailer")
+
+    @field_validator("extension_prefixes")
+    @classmethod
+    def _plain_prefixes(cls, prefixes: tuple[str, ...]) -> tuple[str, ...]:
+        for prefix in prefixes:
+            if not re.fullmatch(r"[A-Za-z0-9_.\-]+", prefix):
+                raise ValueError(f'{prefix!r} is not one path segment (e.g. "controlnet")')
+            if prefix in _RESERVED_PREFIXES:
+                raise ValueError(f"{prefix!r} is sdproxy's own path")
+        return prefixes
+
+
 class AutosaveSettings(_Section):
     """Where every image returned to a client is also written as PNG ("" = off)."""
 
@@ -99,6 +123,7 @@ class Settings(BaseSettings):
 
     server: ServerSettings = ServerSettings()
     scheduler: SchedulerSettings = SchedulerSettings()
+    api: ApiSettings = ApiSettings()
     autosave: AutosaveSettings = AutosaveSettings()
     nodes: Annotated[list[NodeSettings], Field(min_length=1)]
 

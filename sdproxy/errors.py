@@ -7,11 +7,14 @@
     ├── ClientError                 the client's request is at fault (4xx)
     │   ├── RequestValidationError  422, FastAPI's validation body
     │   ├── BodyTooLarge            413
-    │   └── NotFound                404
+    │   ├── NotFound                404
+    │   └── NotSupported            501: node-local actions (create/*, train/*)
+    ├── UnknownCheckpoint           500 like the webui's: POST options names no node's model
     ├── NoNodeAvailable             503: no healthy node can take the work
     ├── RequestTimeout              504: the request's overall deadline passed
     ├── GenerationFailed            502: shares failed and no node could take them over
     ├── RepeatedWebuiError          two nodes raised the same webui error: passed through
+    ├── NodesFailed                 502: a call sent to every node failed on some
     └── NodeError                   one call to one node failed
         ├── NodeUnreachable         refused, reset, DNS: nothing usable came back
         ├── NodeTimeout             the node did not answer within the deadline
@@ -42,6 +45,8 @@ the error middleware in ``app.py`` turns these exceptions into HTTP responses, t
 from __future__ import annotations
 
 from typing import Any
+
+_WEBUI_ERROR_KEYS = frozenset({"error", "detail", "body", "errors"})
 
 
 class SdproxyError(Exception):
@@ -95,6 +100,22 @@ class NotFound(ClientError):
         return webui_error_body("HTTPException", detail=str(self))
 
 
+class NotSupported(ClientError):
+    """sdproxy refuses this on purpose: it would change one node's local state."""
+
+    status = 501
+
+    def body(self) -> dict[str, Any]:
+        return webui_error_body("HTTPException", detail=str(self))
+
+
+class UnknownCheckpoint(SdproxyError):
+    """POST /options names a checkpoint no healthy node has (the webui's RuntimeError)."""
+
+    def body(self) -> dict[str, Any]:
+        return webui_error_body("RuntimeError", errors=str(self))
+
+
 class NoNodeAvailable(SdproxyError):
     """No healthy node can take the work right now."""
 
@@ -145,6 +166,21 @@ class RepeatedWebuiError(SdproxyError):
         return self.node_body
 
 
+class NodesFailed(SdproxyError):
+    """A call sent to several nodes failed on some of them; the body names them."""
+
+    status = 502
+
+    def __init__(self, message: str, failures: dict[str, str]) -> None:
+        super().__init__(message)
+        self.failures = failures
+
+    def body(self) -> dict[str, Any]:
+        body = super().body()
+        body["nodes"] = self.failures
+        return body
+
+
 class NodeError(SdproxyError):
     """A call to one node failed."""
 
@@ -169,21 +205,32 @@ class NodeTimeout(NodeError):
 class NodeBadResponse(NodeError):
     """The node answered with a server error or a body sdproxy cannot use.
 
-    ``webui_error`` is the body when it is the webui's own error JSON (its ``handle_exception``
+    ``answered`` and ``answer`` keep the node's own status and JSON body when it sent an error
+    body, so one-node calls can pass the webui's own 500 on (e.g. KeyError for an unknown option).
+    ``webui_error`` is that body when it is the webui's own error JSON (its ``handle_exception``
     answer), which may mean the request rather than the node is at fault; see the module text.
     """
 
     def __init__(
-        self,
-        node: str,
-        message: str,
-        *,
-        node_status: int | None = None,
-        webui_error: dict[str, Any] | None = None,
+        self, node: str, message: str, *, answered: int | None = None, answer: Any = None
     ) -> None:
         super().__init__(node, message)
-        self.node_status = node_status
-        self.webui_error = webui_error
+        self.answered = answered
+        self.answer = answer
+        if answered is not None and isinstance(answer, dict):
+            self.status = answered
+
+    @property
+    def webui_error(self) -> dict[str, Any] | None:
+        """The answer if it is exactly the webui's ``{"error", "detail", "body", "errors"}``."""
+        if isinstance(self.answer, dict) and set(self.answer) == _WEBUI_ERROR_KEYS:
+            return self.answer
+        return None
+
+    def body(self) -> dict[str, Any]:
+        if self.answered is not None and isinstance(self.answer, dict):
+            return self.answer
+        return super().body()
 
 
 class NodeRejected(NodeError):

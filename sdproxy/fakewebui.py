@@ -11,6 +11,7 @@ import json
 import os
 import random
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -99,6 +100,10 @@ class FakeNodeSettings:
     samplers: tuple[str, ...] = DEFAULT_SAMPLERS
     fault: Fault = field(default_factory=Fault)
     model_load_s: float = 0.0  # seconds a checkpoint change takes
+    loras: tuple[str, ...] = ()
+    embeddings: tuple[str, ...] = ()
+    vaes: tuple[str, ...] = ()
+    gradio_auth: str | None = None  # shows up in cmd-flags only, like --gradio-auth
 
 
 @dataclass
@@ -189,6 +194,7 @@ class FakeNode:
         self.state = ProgressState()
         self.queue_lock = asyncio.Lock()  # the webui's queue_lock: one job at a time
         self.rng = random.Random()
+        self.requests: Counter[str] = Counter()  # "POST /sdapi/v1/skip": calls received
         first = self.checkpoints()[0]
         self.options: dict[str, Any] = default_options(first, settings.version)
         self.loaded_title = first.title
@@ -592,6 +598,33 @@ async def _extra_single_image(node: FakeNode, _: web.Request, payload: Any) -> A
     return {"html_info": "", "image": encoded}
 
 
+async def _extra_batch_images(node: FakeNode, _: web.Request, payload: Any) -> Any:
+    """Api.extras_batch_images: each of imageList[{data, name}] through the same upscaler."""
+    req = _body_model(payload, ("imageList", "list", []), ("upscaling_resize", "float", 2.0))
+    results = []
+    for index, item in enumerate(req["imageList"]):
+        if not isinstance(item, dict) or not isinstance(item.get("data"), str):
+            loc = ["body", "imageList", index, "data"]
+            raise RequestValidationError(
+                [{"loc": loc, "msg": "field required", "type": "value_error.missing"}]
+            )
+        single = dict(payload, image=item["data"])
+        single.pop("imageList", None)
+        results.append((await _extra_single_image(node, _, single))["image"])
+    return {"html_info": "", "images": results}
+
+
+def _embedding(node: FakeNode, name: str) -> dict[str, Any]:
+    checkpoint = node.checkpoints()[0]
+    return {
+        "step": None,
+        "sd_checkpoint": checkpoint.shorthash,
+        "sd_checkpoint_name": checkpoint.model_name,
+        "shape": 768,
+        "vectors": 1,
+    }
+
+
 def _static(value: Callable[[FakeNode], Any]) -> Endpoint:
     async def endpoint(node: FakeNode, _: web.Request, __: Any) -> Any:
         return value(node)
@@ -616,14 +649,24 @@ _GETS: dict[str, Endpoint] = {
     "schedulers": _static(lambda _: scheduler_entries()),
     "upscalers": _static(lambda _: upscaler_entries()),
     "latent-upscale-modes": _static(lambda _: [{"name": name} for name in LATENT_MODES]),
-    "sd-vae": _static(lambda _: []),
+    "sd-vae": _static(
+        lambda node: [
+            {"model_name": name, "filename": f"/stable-diffusion-webui/models/VAE/{name}"}
+            for name in node.settings.vaes
+        ]
+    ),
     "hypernetworks": _static(lambda _: []),
     "face-restorers": _static(
         lambda _: [{"name": "CodeFormer", "cmd_dir": None}, {"name": "GFPGAN", "cmd_dir": None}]
     ),
     "realesrgan-models": _static(lambda _: []),
     "prompt-styles": _static(lambda _: []),
-    "embeddings": _static(lambda _: {"loaded": {}, "skipped": {}}),
+    "embeddings": _static(
+        lambda node: {
+            "loaded": {name: _embedding(node, name) for name in node.settings.embeddings},
+            "skipped": {},
+        }
+    ),
     "extensions": _static(lambda _: []),
     "scripts": _static(
         lambda node: {
@@ -633,9 +676,21 @@ _GETS: dict[str, Endpoint] = {
     ),
     "script-info": _static(_script_info),
     "memory": _static(lambda _: memory_stats()),
-    "cmd-flags": _static(lambda node: cmd_flags(node.settings.api_auth)),
+    "cmd-flags": _static(
+        lambda node: cmd_flags(node.settings.api_auth) | {"gradio_auth": node.settings.gradio_auth}
+    ),
     "progress": _progress,
-    "loras": _static(lambda _: []),
+    "loras": _static(
+        lambda node: [
+            {
+                "name": name,
+                "alias": name,
+                "path": f"/stable-diffusion-webui/models/Lora/{name}.safetensors",
+                "metadata": {},
+            }
+            for name in node.settings.loras
+        ]
+    ),
 }
 _POSTS: dict[str, tuple[Endpoint, bool]] = {  # path: (endpoint, takes a JSON body)
     "options": (_set_options, True),
@@ -650,6 +705,12 @@ _POSTS: dict[str, tuple[Endpoint, bool]] = {  # path: (endpoint, takes a JSON bo
     "png-info": (_png_info, True),
     "interrogate": (_interrogate, True),
     "extra-single-image": (_extra_single_image, True),
+    "extra-batch-images": (_extra_batch_images, True),
+}
+_CONTROLNET: dict[str, Callable[[FakeNode], Any]] = {
+    "version": lambda _: {"version": 2},
+    "model_list": lambda _: {"model_list": ["control_v11p_sd15_canny [d14c016b]"]},
+    "module_list": lambda _: {"module_list": ["none", "canny", "depth"]},
 }
 # The Lora extension registers these itself, outside Api.add_api_route and its auth.
 _OPEN = frozenset({"loras", "refresh-loras"})
@@ -686,6 +747,7 @@ def _check_auth(api_auth: str | None, header: str | None) -> None:
 def _handler(endpoint: Endpoint, *, body: bool, auth: bool) -> Handler:
     async def handle(request: web.Request) -> web.StreamResponse:
         node = request.app[_NODE_KEY]
+        node.requests[f"{request.method} {request.path}"] += 1
         # FastAPI decodes the JSON body before dependencies run, so bad JSON beats a 401.
         payload = None
         if body:
@@ -731,6 +793,9 @@ def create_fake_app(node: FakeNode) -> web.Application:
     for path, (endpoint, body) in _POSTS.items():
         add("POST", f"/sdapi/v1/{path}", _handler(endpoint, body=body, auth=path not in _OPEN))
     add("GET", "/internal/ping", _handler(_static(lambda _: {}), body=False, auth=False))
+    # A small part of the ControlNet extension's routes, registered at the host root.
+    for path, answer in _CONTROLNET.items():
+        add("GET", f"/controlnet/{path}", _handler(_static(answer), body=False, auth=False))
 
     async def stop_jobs(_: web.Application) -> None:
         await node.aclose()

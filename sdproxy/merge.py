@@ -45,16 +45,27 @@ class Merged:
     info: dict[str, Any]
     grid_wanted: bool
     shares: list[tuple[str, int, int]] = field(default_factory=list)  # (node, first, last)
+    rendered: int = 0  # images rendered; extra images (Forge: ControlNet maps) come after them
 
     def to_json_dict(self) -> dict[str, Any]:
         """The webui's envelope: images, parameters, then info as a JSON string."""
         return {"images": self.images, "parameters": self.parameters, "info": dump_info(self.info)}
 
 
-def read_part(node: str, start: int, count: int, response: Any, send_images: bool) -> Part:
+def read_part(
+    node: str,
+    start: int,
+    count: int,
+    response: Any,
+    send_images: bool,
+    *,
+    allow_short: bool = False,
+) -> Part:
     """Check one node's JSON answer for ``count`` images and take its grid off.
 
-    Raises BadNodeResult when the answer lacks images or info it should have.
+    With ``allow_short`` (the request was interrupted) fewer images are the ones finished so
+    far, as the webui returns them. Raises BadNodeResult when the answer lacks images or info
+    it should have.
     """
     if not isinstance(response, dict):
         raise BadNodeResult("the response is not a JSON object")
@@ -74,10 +85,17 @@ def read_part(node: str, start: int, count: int, response: Any, send_images: boo
     infotexts = info.get("infotexts")
     if not isinstance(infotexts, list):
         raise BadNodeResult("info has no 'infotexts' list")
-    grid = info.get("index_of_first_image") == 1 and len(infotexts) == count + 1
+    if allow_short:
+        grid = info.get("index_of_first_image") == 1 and len(infotexts) >= 2
+    else:
+        grid = info.get("index_of_first_image") == 1 and len(infotexts) == count + 1
     if grid:
         infotexts = infotexts[1:]
         images = images[1:] if send_images else images
+    if allow_short:
+        # An interrupted webui with no image done still reports one infotext.
+        count = min(count, len(infotexts), len(images) if send_images else count)
+        infotexts = infotexts[:count]
     if len(infotexts) != count:
         raise BadNodeResult(f"asked for {count} images, got infotexts for {len(infotexts)}")
     if send_images and len(images) < count:
@@ -98,25 +116,32 @@ def read_part(node: str, start: int, count: int, response: Any, send_images: boo
     )
 
 
-def merge_parts(request: GenerationRequest, seeds: Seeds, parts: Sequence[Part]) -> Merged:
+def merge_parts(
+    request: GenerationRequest, seeds: Seeds, parts: Sequence[Part], *, partial: bool = False
+) -> Merged:
     """Merge parts covering every image of ``request`` into one webui response.
 
-    ``parts`` may come in any order; together they must cover the images exactly once.
+    ``parts`` may come in any order; together they must cover the images exactly once. With
+    ``partial`` (an interrupted request) they may leave gaps: the response holds the images
+    finished, while the per-image lists of info keep every entry, as the webui's do.
     """
     ordered = sorted(parts, key=lambda p: p.start)
     expected = 0
     for part in ordered:
-        if part.start != expected:
+        if part.start < expected or (part.start != expected and not partial):
             raise ValueError(f"parts do not tile the request: gap or overlap at image {expected}")
         expected = part.stop
-    if expected != request.total_images:
+    if expected != request.total_images and not partial:
         raise ValueError(f"parts cover {expected} images, the request has {request.total_images}")
 
     first = ordered[0]
     info = dict(first.info)
     for key in _PER_IMAGE_LISTS:
         if key in info:
-            info[key] = [value for part in ordered for value in part.info.get(key, [])]
+            if partial:
+                info[key] = _spread(key, ordered, request, seeds)
+            else:
+                info[key] = [value for part in ordered for value in part.info.get(key, [])]
     _pad_to_reported_total(info, request, seeds)
     for scalar, listed in (
         ("prompt", "all_prompts"),
@@ -130,20 +155,54 @@ def merge_parts(request: GenerationRequest, seeds: Seeds, parts: Sequence[Part])
         info["batch_size"] = request.reported_batch_size
     info["index_of_first_image"] = 0
     info["infotexts"] = [text for part in ordered for text in part.infotexts]
+    if not info["infotexts"]:  # the webui reports one infotext when no image was finished
+        info["infotexts"] = list(first.info.get("infotexts", []))[:1]
 
     images = [image for part in ordered for image in part.images]
     images += [image for part in ordered for image in part.extra_images]
     # A node with two or more images shows whether grids are on (opts.return_grid); when no
     # node had two, the webui's default (on) applies.
     grids_on = any(p.grid_returned for p in ordered) or all(p.count < 2 for p in ordered)
-    grid_wanted = request.save_images and request.total_images >= 2 and grids_on
+    rendered = sum(part.count for part in ordered)
+    grid_wanted = request.save_images and rendered >= 2 and grids_on
     return Merged(
         images=images,
         parameters=_echo_parameters(first.parameters, request),
         info=info,
         grid_wanted=grid_wanted,
-        shares=[(p.node, p.start, p.stop - 1) for p in ordered],
+        shares=[(p.node, p.start, p.stop - 1) for p in ordered if p.count],
+        rendered=rendered,
     )
+
+
+def _spread(
+    key: str, ordered: Sequence[Part], request: GenerationRequest, seeds: Seeds
+) -> list[Any]:
+    """A per-image list of every image of an interrupted request, from the parts that came back.
+
+    A node reports the list for every image it was asked for, finished or not; images no node
+    reported (their jobs were dropped) get the seeds they would have had, and the first prompt.
+    """
+    total = request.reported_total
+    values: list[Any] = [None] * total
+    known = [False] * total
+    for part in ordered:
+        for offset, value in enumerate(part.info.get(key, [])):
+            k = part.start + offset
+            if k < total:
+                values[k], known[k] = value, True
+    fallback = next((v for v, ok in zip(values, known, strict=True) if ok), None)
+    step = 1 if request.subseed_strength == 0 else 0
+    for k in range(total):
+        if known[k]:
+            continue
+        if key == "all_seeds":
+            values[k] = seeds.seed + k * step
+        elif key == "all_subseeds":
+            values[k] = seeds.subseed + k
+        else:
+            values[k] = fallback
+    return values
 
 
 def with_grid(merged: Merged, grid: str | None) -> Merged:

@@ -23,8 +23,6 @@ from sdproxy.health import NodeHealth
 
 _JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
 
-_WEBUI_ERROR_KEYS = frozenset({"error", "detail", "body", "errors"})
-
 
 @dataclass
 class NodeStats:
@@ -38,6 +36,23 @@ class NodeStats:
     def healthy(self) -> bool:
         """The node may be given work: up and not disabled."""
         return self.health.usable
+
+    # Read-only views of the health state, for code that reads them off the stats.
+    @property
+    def consecutive_failures(self) -> int:
+        return self.health.consecutive_failures
+
+    @property
+    def last_error(self) -> str | None:
+        return self.health.last_error
+
+    @property
+    def last_error_at(self) -> float | None:
+        return self.health.last_error_at
+
+    @property
+    def last_ok_at(self) -> float | None:
+        return self.health.last_ok_at
 
 
 class NodeClient:
@@ -56,9 +71,6 @@ class NodeClient:
         self.name = settings.name
         self.health = NodeHealth(scheduler.cooldown_base_s, scheduler.cooldown_max_s)
         self.stats = NodeStats(self.health)
-        # What the node has, refreshed by the health poller (plain data for model routing).
-        self.models: tuple[str, ...] = ()
-        self.current_model: str | None = None
         self._session = session
         self._base = URL(settings.base_url)
         self._connect_timeout_s = scheduler.connect_timeout_s
@@ -77,20 +89,6 @@ class NodeClient:
         await self.request(
             "GET", "sdapi/v1/progress", params={"skip_current_image": "true"}, timeout_s=timeout_s
         )
-
-    async def refresh_inventory(self, timeout_s: float) -> None:
-        """Read the node's checkpoint titles and its loaded checkpoint into ``models``."""
-        listed = await self.request("GET", "sdapi/v1/sd-models", timeout_s=timeout_s)
-        options = await self.request("GET", "sdapi/v1/options", timeout_s=timeout_s)
-        if not isinstance(listed, list) or not isinstance(options, dict):
-            raise NodeBadResponse(self.name, "sd-models or options is not the webui's shape")
-        self.models = tuple(
-            item["title"]
-            for item in listed
-            if isinstance(item, dict) and isinstance(item.get("title"), str)
-        )
-        current = options.get("sd_model_checkpoint")
-        self.current_model = current if isinstance(current, str) else None
 
     async def request(
         self,
@@ -130,17 +128,16 @@ class NodeClient:
             if 400 <= status < 500:
                 raise NodeRejected(self.name, status, raw.decode(errors="replace")) from exc
             raise NodeBadResponse(
-                self.name, f"answered {status} with a body that is not JSON", node_status=status
+                self.name, f"answered {status} with a body that is not JSON"
             ) from exc
         if 400 <= status < 500:
             raise NodeRejected(self.name, status, payload)
         if status >= 500 or status < 200 or status >= 300:
-            webui_error = payload if _is_webui_error(payload) else None
             raise NodeBadResponse(
                 self.name,
                 f"answered {status}: {_error_text(payload)}",
-                node_status=status,
-                webui_error=webui_error,
+                answered=status,
+                answer=payload,
             )
         return payload
 
@@ -169,17 +166,10 @@ def _error_text(payload: Any) -> str:
     return "unexpected body"
 
 
-def _is_webui_error(payload: Any) -> bool:
-    """The body of the webui's own ``handle_exception``: an error the webui raised itself."""
-    return isinstance(payload, dict) and set(payload) == _WEBUI_ERROR_KEYS
-
-
-async def check_node(client: NodeClient, timeout_s: float, *, inventory: bool) -> bool:
-    """Probe one node (and read its inventory); record the outcome. True if it came back."""
+async def check_node(client: NodeClient, timeout_s: float) -> bool:
+    """Probe one node and record the outcome. True if it came back."""
     try:
         await client.probe(timeout_s)
-        if inventory:
-            await client.refresh_inventory(timeout_s)
     except NodeRejected:
         # It answered: reachable. A 401 here is the auth configuration's problem.
         return client.record_success()
@@ -190,7 +180,7 @@ async def check_node(client: NodeClient, timeout_s: float, *, inventory: bool) -
 
 
 async def probe_all(clients: list[NodeClient], timeout_s: float) -> None:
-    """Check every node concurrently, inventory included, and record the outcome on each."""
+    """Probe every node concurrently and record the outcome on each."""
     async with asyncio.TaskGroup() as group:
         for client in clients:
-            group.create_task(check_node(client, timeout_s, inventory=True))
+            group.create_task(check_node(client, timeout_s))

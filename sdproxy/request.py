@@ -241,7 +241,7 @@ class _FieldReader:
         if value is None:
             self._fail(name, "none is not an allowed value", "type_error.none.not_allowed")
             return default
-        result = _as_bool(value)
+        result = parse_bool(value)
         if result is None:
             self._fail(name, "value could not be parsed to a boolean", "type_error.bool")
             return default
@@ -306,7 +306,8 @@ _TRUE = {"1", "on", "t", "true", "y", "yes"}
 _FALSE = {"0", "off", "f", "false", "n", "no"}
 
 
-def _as_bool(value: Any) -> bool | None:
+def parse_bool(value: Any) -> bool | None:
+    """A boolean as pydantic 1 reads one ("yes", 1, "false"...), or None when it is not one."""
     if isinstance(value, bool):
         return value
     if isinstance(value, int) and value in (0, 1):

@@ -72,16 +72,19 @@ async def _generate(request: web.Request, kind: Kind) -> web.Response:
 
 
 async def txt2img(request: web.Request) -> web.Response:
+    """POST /sdapi/v1/txt2img, split over the healthy nodes and merged."""
     return await _generate(request, "txt2img")
 
 
 async def img2img(request: web.Request) -> web.Response:
+    """POST /sdapi/v1/img2img, split over the healthy nodes and merged."""
     return await _generate(request, "img2img")
 
 
 def node_status(cluster: Cluster, client: NodeClient) -> dict[str, Any]:
     """One node's entry in /cluster/status (times are Unix seconds)."""
     stats, health = client.stats, client.health
+    models = cluster.models.nodes[client.name]  # what the last read of its lists found
     return {
         "name": client.name,
         "url": client.settings.base_url,
@@ -99,12 +102,13 @@ def node_status(cluster: Cluster, client: NodeClient) -> dict[str, Any]:
         "last_error_at": health.last_error_at,
         "last_ok_at": health.last_ok_at,
         "next_probe_at": None if health.up else health.next_probe_at,
-        "models": list(client.models),
-        "current_model": client.current_model,
+        "models": [entry["title"] for entry in models.entries or () if "title" in entry],
+        "current_model": models.loaded,
     }
 
 
 async def cluster_status(request: web.Request) -> web.Response:
+    """GET /cluster/status: every node, its health and what it rendered."""
     cluster = request.app[cluster_key]
     nodes = [node_status(cluster, client) for client in cluster.clients]
     body = {
@@ -134,6 +138,9 @@ async def prometheus_metrics(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
+    # Imported here: those modules build on this one's helpers (json_response, read_json).
+    from sdproxy import openapi, webui_routes
+
     app.router.add_post("/sdapi/v1/txt2img", txt2img)
     app.router.add_post("/sdapi/v1/img2img", img2img)
     app.router.add_get("/cluster/status", cluster_status)
@@ -141,3 +148,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/cluster/nodes/{name}/enable", enable_node)
     app.router.add_get("/cluster", cluster_page)
     app.router.add_get("/metrics", prometheus_metrics)
+    webui_routes.add_webui_routes(app)
+    app.router.add_get("/openapi.json", openapi.openapi_json, allow_head=False)

@@ -24,6 +24,7 @@ from typing import Any
 import aiohttp
 
 from sdproxy import images
+from sdproxy.checkpoints import ModelCatalog
 from sdproxy.config import Settings
 from sdproxy.errors import (
     GenerationFailed,
@@ -71,16 +72,23 @@ class Run:
     done: asyncio.Event = field(default_factory=asyncio.Event)
     request_id: str | None = field(default_factory=request_id_var.get)
     started_at: float = field(default_factory=time.time)  # Unix time, for the dashboard
+    # Interrupted by the client: short answers are the images finished so far, not failures.
+    interrupted: bool = False
 
     @property
     def finished(self) -> bool:
         return self.done.is_set()
 
-    def add(self, part: Part) -> None:
+    def add(self, part: Part, covered: int) -> None:
+        """A node's answer for ``covered`` images (``part`` may hold fewer when interrupted)."""
         if self.finished:
             return
         self.parts.append(part)
-        self.remaining -= part.count
+        self.drop(covered)
+
+    def drop(self, images: int) -> None:
+        """Stop waiting for ``images`` images (rendered, or given up after an interrupt)."""
+        self.remaining -= images
         if self.remaining <= 0:
             self.done.set()
 
@@ -172,7 +180,12 @@ class Lane:
                 return
             try:
                 part = read_part(
-                    client.name, chunk.start, chunk.images, response, request.send_images
+                    client.name,
+                    chunk.start,
+                    chunk.images,
+                    response,
+                    request.send_images,
+                    allow_short=run.interrupted,
                 )
             except BadNodeResult as exc:
                 raise NodeBadResponse(client.name, str(exc)) from exc
@@ -188,7 +201,7 @@ class Lane:
         else:
             self._succeeded(part.count)
             metrics.observe_job(client.name, "ok", time.perf_counter() - started, part.count)
-            run.add(part)
+            run.add(part, chunk.images)
 
     def _succeeded(self, images: int = 0) -> None:
         if self.client.record_success(images) and self.client.usable:
@@ -211,6 +224,7 @@ class Cluster:
         self.runs: set[Run] = set()  # requests in flight, for /cluster/status
         self.clients = [NodeClient(session, node, settings.scheduler) for node in settings.nodes]
         self.lanes = {client.name: Lane(client, self) for client in self.clients}
+        self.models = ModelCatalog(self.clients, settings.api)
         self._rng = rng or random.SystemRandom()
         self._tasks: list[asyncio.Task[None]] = []
         self._wakes = {client.name: asyncio.Event() for client in self.clients}
@@ -220,6 +234,9 @@ class Cluster:
     async def start(self) -> None:
         """Probe every node once, then start the lanes and one health watcher per node."""
         await probe_all(self.clients, self.settings.scheduler.health_timeout_s)
+        async with asyncio.TaskGroup() as group:
+            for client in self.healthy_clients():
+                group.create_task(self.models.sync(client))
         for lane in self.lanes.values():
             self._tasks.append(asyncio.create_task(lane.run_forever(), name=lane.client.name))
         for client in self.clients:
@@ -231,6 +248,7 @@ class Cluster:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)  # all cancelled on purpose
         self._tasks.clear()
+        await self.models.aclose()
         for timer in self._timers:
             timer.cancel()
         self._timers.clear()
@@ -274,10 +292,15 @@ class Cluster:
         """Render ``request`` on the usable nodes and merge the answers into one."""
         seeds = resolve_seeds(request, self._rng)
         run = Run(request, seeds, remaining=request.total_images)
+        usable = self.healthy_clients()
+        if usable:
+            await self.models.prepare(request, usable)
         if request.splittable:
-            self.dispatch(Job(run, Chunk(0, request.total_images, 1)))
+            job = Job(run, Chunk(0, request.total_images, 1))
         else:
-            self.dispatch(Job(run, Chunk(0, request.batch_size, request.n_iter), whole=True))
+            job = Job(run, Chunk(0, request.batch_size, request.n_iter), whole=True)
+        # A routing error (no node has the checkpoint) goes to the client; no usable node parks.
+        self.dispatch(job, routing_errors=True)
         self.runs.add(run)
         try:
             async with asyncio.timeout(self.settings.scheduler.request_timeout_s):
@@ -294,17 +317,34 @@ class Cluster:
             raise run.error
         if not request.splittable:
             return GenerationResult(run.whole, [])
-        merged = merge_parts(request, seeds, run.parts)
+        if not run.parts:  # interrupted, and the nodes it was on failed
+            why = "interrupted, and no node returned an image"
+            raise GenerationFailed(f"generation failed: {why}", failures=dict(run.failures))
+        merged = merge_parts(request, seeds, run.parts, partial=run.interrupted)
         if merged.grid_wanted:
             merged = await self._add_grid(merged, request)
         return GenerationResult(merged.to_json_dict(), merged.shares)
 
-    def dispatch(self, job: Job) -> None:
-        """Queue a job's images on the usable nodes, or park it until one comes back."""
+    def dispatch(self, job: Job, *, routing_errors: bool = False) -> None:
+        """Queue a job's images on the usable nodes that may render it, or park it.
+
+        With ``routing_errors``, a request no node may render (its checkpoint is nowhere)
+        raises; otherwise that job waits like one with no usable node.
+        """
         run = job.run
         if run.finished:
             return
+        if run.interrupted and not job.whole:  # the client wants what is done, not the rest
+            run.drop(job.chunk.images)
+            return
         usable = self.healthy_clients()
+        if usable:
+            try:
+                usable = self.models.select(run.request, usable)
+            except SdproxyError:
+                if routing_errors:
+                    raise
+                usable = []
         if not usable:
             self._park(job)
             return
@@ -376,7 +416,7 @@ class Cluster:
         if not same:
             run.webui_errors[error.node] = error.webui_error
             return False
-        status = error.node_status or 500
+        status = error.answered or 500
         run.fail(RepeatedWebuiError(status, error.webui_error, [*same, error.node]))
         for name in same:  # marked down for the request's fault: look again now
             if name != error.node:
@@ -440,15 +480,52 @@ class Cluster:
                 continue  # woken early: wait for the (new) cooldown
             polls += 1
             was_up = health.up
-            inventory = not was_up or polls % scheduler.inventory_every_polls == 0
-            came_back = await check_node(client, scheduler.health_timeout_s, inventory=inventory)
+            came_back = await check_node(client, scheduler.health_timeout_s)
+            if not health.up:
+                if was_up:
+                    log.warning("node %s is down: %s", client.name, health.last_error)
+                    self._drain(self.lanes[client.name])
+                continue
             if came_back:
                 log.info("node %s is back", client.name)
-                if client.usable:
-                    self.resume_parked()
-            elif was_up and not health.up:
-                log.warning("node %s is down: %s", client.name, health.last_error)
-                self._drain(self.lanes[client.name])
+            # A returning node gets its lists read and the cluster's checkpoint before work;
+            # every few polls the lists are read again (a webui's lists change on refresh).
+            if came_back or not self.models.in_sync(client):
+                await self.models.sync(client)
+            elif polls % scheduler.inventory_every_polls == 0:
+                await self.models.refresh_all([client])
+            if client.usable and self._parked:
+                self.resume_parked()
+
+    def running_jobs(self) -> list[tuple[Lane, Job]]:
+        """Every job a node is rendering right now for a request still in flight."""
+        return [
+            (lane, lane.current)
+            for lane in self.lanes.values()
+            if lane.current is not None and not lane.current.run.finished
+        ]
+
+    def interrupt_running(self) -> list[NodeClient]:
+        """Mark the running requests interrupted and drop their waiting jobs.
+
+        Returns the nodes to send the interrupt to. Requests only queued (not rendering
+        anywhere yet) go on, as requests waiting on a webui's queue lock do.
+        """
+        running = self.running_jobs()
+        runs = {job.run for _, job in running}
+        for run in runs:
+            run.interrupted = True
+        for lane in self.lanes.values():
+            kept = [job for job in lane.pending if job.run not in runs]
+            for job in lane.pending:
+                if job.run in runs:
+                    job.run.drop(job.chunk.images)
+            lane.pending = deque(kept)
+        for job in self._parked:
+            if job.run in runs and not job.whole:
+                job.run.drop(job.chunk.images)
+        self._parked = [job for job in self._parked if job.run not in runs or job.whole]
+        return [lane.client for lane, _ in running]
 
     def _queue(self, run: Run, shares: Iterable[Share]) -> None:
         for share in shares:

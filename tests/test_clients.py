@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import webuiapi
 from PIL import Image
 
+from sdproxy.catalog import REDACTED
 from sdproxy.fakewebui import FakeNodeSettings
 from tests.support import fake_nodes, proxy
 
@@ -63,3 +66,136 @@ class TestWebuiapi:
             assert len(result.images) == 3
             assert result.info["all_seeds"] == [99, 100, 101]
             assert sum(n.node.images_rendered for n in nodes) == 3
+
+
+M1 = "m1.safetensors [1111111111]"
+M2 = "m2.safetensors [2222222222]"
+SLOW = 256.0  # seconds an image at 512px: about 4 s for a 64px image, 0.2 s a step
+
+
+async def wait_for(condition: Callable[[], bool], timeout_s: float = 20.0) -> None:
+    """Poll ``condition`` until it holds."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+class TestWebuiapiCalls:
+    """webuiapi's other calls (reference section 6) against a cluster, sync and async."""
+
+    async def test_webuiapi_reads(self) -> None:
+        """Scripts, samplers, schedulers, models, LoRAs, memory and cmd-flags as one webui."""
+        async with (
+            fake_nodes(
+                FakeNodeSettings(
+                    name="a",
+                    models=(M1,),
+                    loras=("x",),
+                    gradio_auth="admin:hunter2",
+                    scripts_txt2img=("controlnet", "controlnet m2m", "lora"),
+                ),
+                FakeNodeSettings(name="b", models=(M1, M2), loras=("y",)),
+            ) as nodes,
+            proxy(nodes) as url,
+        ):
+            api = await asyncio.to_thread(client_for, url)
+            # ControlNet is on one node only: not offered, so webuiapi does not inject it.
+            assert api.has_controlnet is False
+            scripts = await asyncio.to_thread(api.get_scripts)
+            assert scripts["txt2img"] == ["lora"]
+            samplers = await asyncio.to_thread(api.util_get_sampler_names)
+            assert "Euler a" in samplers
+            schedulers = await asyncio.to_thread(api.util_get_scheduler_names)
+            assert "karras" in schedulers
+            assert await asyncio.to_thread(api.util_get_model_names) == [M1, M2]
+            loras = await asyncio.to_thread(api.get_loras)
+            assert [lora["name"] for lora in loras] == ["x", "y"]
+            memory = await asyncio.to_thread(api.get_memory)
+            assert memory["ram"]["total"] > 0
+            flags = await asyncio.to_thread(api.get_cmd_flags)
+            assert flags["gradio_auth"] == REDACTED
+            assert await asyncio.to_thread(api.controlnet_model_list) == [
+                "control_v11p_sd15_canny [d14c016b]"
+            ]
+            assert await asyncio.to_thread(api.refresh_checkpoints) is None
+            assert all(n.node.requests["POST /sdapi/v1/refresh-checkpoints"] == 1 for n in nodes)
+            result = await asyncio.to_thread(
+                api.txt2img, prompt="x", batch_size=2, width=64, height=64
+            )
+            assert len(result.images) == 2
+
+    async def test_webuiapi_set_model_and_options(self) -> None:
+        """util_set_model picks a checkpoint for the cluster; generations then run on it."""
+        async with (
+            fake_nodes(
+                FakeNodeSettings(name="a", models=(M1,)),
+                FakeNodeSettings(name="b", models=(M1, M2)),
+            ) as nodes,
+            proxy(nodes) as url,
+        ):
+            api = await asyncio.to_thread(client_for, url)
+            assert await asyncio.to_thread(api.util_get_current_model) == M1
+            await asyncio.to_thread(api.util_set_model, "m2")
+            assert await asyncio.to_thread(api.util_get_current_model) == M2
+            result = await asyncio.to_thread(
+                api.txt2img, prompt="x", batch_size=3, width=64, height=64
+            )
+            assert all("Model: m2" in text for text in result.info["infotexts"])
+            assert nodes[0].node.images_rendered == 0
+            await asyncio.to_thread(api.set_options, {"jpeg_quality": 70})
+            options = await asyncio.to_thread(api.get_options)
+            assert options["jpeg_quality"] == 70
+            assert [n.node.options["jpeg_quality"] for n in nodes] == [70, 70]
+
+    async def test_webuiapi_progress_interrupt_wait_for_ready(self) -> None:
+        """An async txt2img is interrupted mid-way; then util_wait_for_ready returns."""
+        async with (
+            fake_nodes(
+                FakeNodeSettings(name="a", per_image_s=SLOW),
+                FakeNodeSettings(name="b", per_image_s=SLOW),
+            ) as nodes,
+            proxy(nodes) as url,
+        ):
+            api = await asyncio.to_thread(client_for, url)
+            pending = api.txt2img(
+                prompt="x", batch_size=1, n_iter=4, seed=7, width=64, height=64, use_async=True
+            )
+            await wait_for(lambda: all(n.node.state.sampling_step >= 1 for n in nodes))
+            progress = await asyncio.to_thread(api.get_progress)
+            assert progress["progress"] > 0
+            assert progress["state"]["job_count"] > 0
+            assert await asyncio.to_thread(api.interrupt) == {}
+            result = await pending
+            assert len(result.images) == 2
+            assert result.info["all_seeds"] == [7, 8, 9, 10]
+            assert len(result.info["infotexts"]) == 2
+            await asyncio.to_thread(api.util_wait_for_ready, 0.05)
+            idle = await asyncio.to_thread(api.get_progress)
+            assert (idle["progress"], idle["state"]["job_count"]) == (0, 0)
+
+    async def test_webuiapi_png_info_interrogate_extras(self) -> None:
+        """png_info, interrogate and extras (sync and async) reach a node and come back."""
+        async with (
+            fake_nodes(FakeNodeSettings(name="a"), FakeNodeSettings(name="b")) as nodes,
+            proxy(nodes) as url,
+        ):
+            api = await asyncio.to_thread(client_for, url)
+            result = await asyncio.to_thread(api.txt2img, prompt="owl", seed=5, width=64, height=64)
+            image = result.image
+            info = await asyncio.to_thread(api.png_info, image)
+            assert "Seed: 5" in info.info
+            caption = await asyncio.to_thread(api.interrogate, image)
+            assert caption.info.startswith("a simulated picture")
+            upscaled = await asyncio.to_thread(
+                api.extra_single_image, image, upscaler_1="Lanczos", upscaling_resize=2
+            )
+            assert upscaled.image.size == (128, 128)
+            again = await api.extra_single_image(
+                image, upscaler_1="Lanczos", upscaling_resize=2, use_async=True
+            )
+            assert again.image.size == (128, 128)
+            batch = await api.extra_batch_images(
+                [image, image], upscaler_1="Lanczos", upscaling_resize=3, use_async=True
+            )
+            assert [picture.size for picture in batch.images] == [(192, 192)] * 2

@@ -33,6 +33,7 @@ class TestLoadSettings:
         assert [n.name for n in settings.nodes] == ["gpu-a", "gpu-b"]
         assert settings.nodes[0].weight == 2.0
         assert settings.server.port == 7860
+        assert settings.api.extension_prefixes == ("controlnet", "adetailer")
 
     def test_load_defaults(self, tmp_path: Path) -> None:
         """Unset keys take their defaults; the URL loses pydantic's trailing slash."""
@@ -69,6 +70,8 @@ class TestLoadSettings:
             ('[[nodes]]\nname = "b"\n', "nodes[0] (b).url: required key missing"),
             ("[server]\n", "nodes: required key missing"),
             ("nodes = [", "not valid TOML"),
+            ('[api]\nextension_prefixes = ["sdapi"]\n' + MINIMAL, "sdproxy's own path"),
+            ('[api]\nextension_prefixes = ["a/b"]\n' + MINIMAL, "not one path segment"),
         ],
     )
     def test_load_rejects(self, tmp_path: Path, text: str, message: str) -> None:

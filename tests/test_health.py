@@ -125,5 +125,6 @@ class TestNodeErrors:
                 with pytest.raises(NodeBadResponse) as caught:
                     await client.generate("txt2img", {}, timeout_s=5)
         assert caught.value.webui_error == webui_error
-        assert caught.value.node_status == status
+        # The status is kept with a JSON body only: a non-JSON 5xx is the node's fault, plainly.
+        assert caught.value.answered == (status if body.startswith(b"{") else None)
         assert str(status) in caught.value.reason

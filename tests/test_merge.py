@@ -159,3 +159,59 @@ class TestReadPart:
         }
         part = read_part("n", 0, 2, answer, True)
         assert (part.images, part.extra_images) == (["a", "b"], ["map"])
+
+
+def interrupted_answer(full: dict[str, Any], start: int, asked: int, done: int) -> dict[str, Any]:
+    """A node asked for ``asked`` images from ``start``, interrupted after ``done`` of them."""
+    answer = node_answer(full, start, asked, False)
+    info = json.loads(answer["info"])
+    # As the webui: per-image lists keep every entry, infotexts and images only finished ones,
+    # and one infotext when nothing finished.
+    info["infotexts"] = info["infotexts"][: max(done, 1)]
+    answer["info"] = dump_info(info)
+    answer["images"] = answer["images"][:done]
+    return answer
+
+
+class TestInterrupted:
+    """An interrupted request returns the images finished so far, as one webui does."""
+
+    @given(
+        data=st.data(),
+        total=st.integers(2, 12),
+        strength=st.sampled_from([0.0, 0.5]),
+    )
+    def test_merge_partial_keeps_finished_images_and_full_lists(
+        self, data: st.DataObject, total: int, strength: float
+    ) -> None:
+        """Finished images in order with their infotexts; all_seeds still has every entry."""
+        req = request(batch_size=total, seed=-1, subseed_strength=strength)
+        full = single_node_info(total, 500, 9, strength)
+        pieces = data.draw(cuts(total))
+        parts = []
+        for i, (start, count) in enumerate(pieces):
+            if data.draw(st.booleans(), label=f"piece {i} answered"):
+                done = data.draw(st.integers(0, count), label=f"piece {i} done")
+                answer = interrupted_answer(full, start, count, done)
+                parts.append(read_part(f"n{i}", start, count, answer, True, allow_short=True))
+        if not parts:
+            return
+        merged = merge_parts(req, Seeds(500, 9), parts, partial=True)
+        finished = [k for part in parts for k in range(part.start, part.start + part.count)]
+        assert merged.images == [f"img{k}" for k in finished]
+        assert merged.info["all_seeds"] == full["all_seeds"]
+        assert merged.info["all_subseeds"] == full["all_subseeds"]
+        assert len(merged.info["all_prompts"]) == total
+        if finished:
+            assert merged.info["infotexts"] == [full["infotexts"][k] for k in finished]
+        else:
+            assert len(merged.info["infotexts"]) == 1
+        assert merged.rendered == len(finished)
+
+    def test_read_part_short_answer_needs_allow_short(self) -> None:
+        """Without an interrupt, a short answer is a node fault, not a smaller result."""
+        full = single_node_info(4, 1, 1, 0)
+        answer = interrupted_answer(full, 0, 4, 1)
+        with pytest.raises(BadNodeResult, match="asked for 4"):
+            read_part("a", 0, 4, answer, True)
+        assert read_part("a", 0, 4, answer, True, allow_short=True).count == 1

@@ -1,0 +1,99 @@
+"""Calls to several nodes at once (every outcome kept), and to the first node that answers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from sdproxy.errors import (
+    NodeBadResponse,
+    NodeError,
+    NodeRejected,
+    NodesFailed,
+    NodeTimeout,
+    NodeUnreachable,
+    NoNodeAvailable,
+    SdproxyError,
+)
+from sdproxy.nodes import NodeClient
+
+NodeCall = Callable[[NodeClient], Awaitable[Any]]
+
+
+def note_failure(client: NodeClient, error: NodeError) -> None:
+    """Mark a node down when the failure is the node's (not a refusal or a webui error body)."""
+    if isinstance(error, NodeUnreachable | NodeTimeout) or (
+        isinstance(error, NodeBadResponse) and error.answered is None
+    ):
+        client.record_failure(error)
+
+
+async def call_each(
+    clients: Sequence[NodeClient], call: NodeCall
+) -> tuple[dict[str, Any], dict[str, NodeError]]:
+    """``call`` on every client concurrently: (answers, errors) by node name, both kept."""
+    answers: dict[str, Any] = {}
+    errors: dict[str, NodeError] = {}
+
+    async def one(client: NodeClient) -> None:
+        try:
+            answers[client.name] = await call(client)
+        except NodeError as exc:
+            note_failure(client, exc)
+            errors[client.name] = exc
+
+    async with asyncio.TaskGroup() as group:
+        for client in clients:
+            group.create_task(one(client))
+    return answers, errors
+
+
+def combined_error(what: str, errors: dict[str, NodeError], answered: int) -> SdproxyError:
+    """The error for a fan-out that failed on ``errors``' nodes while ``answered`` succeeded.
+
+    When every node refused or failed the same way, the node's own answer is the webui's answer
+    (a 422, or a 500 KeyError for an unknown option): it is passed on. Otherwise a 502 names
+    the nodes and why each failed.
+    """
+    first = next(iter(errors.values()))
+    same = all(_same_answer(first, error) for error in errors.values())
+    if answered == 0 and same and _own_answer(first) is not None:
+        return first
+    names = ", ".join(sorted(errors))
+    return NodesFailed(
+        f"{what} failed on {names}", failures={name: e.reason for name, e in errors.items()}
+    )
+
+
+def _own_answer(error: NodeError) -> Any:
+    if isinstance(error, NodeRejected):
+        return error.node_body
+    if isinstance(error, NodeBadResponse):
+        return error.answer
+    return None
+
+
+def _same_answer(a: NodeError, b: NodeError) -> bool:
+    return type(a) is type(b) and _own_answer(a) == _own_answer(b) and a.status == b.status
+
+
+async def first_answer(clients: Sequence[NodeClient], call: NodeCall) -> Any:
+    """``call`` on each client in turn until one answers; a refusal (4xx) is the answer too."""
+    if not clients:
+        raise NoNodeAvailable("no healthy node: every node is down or unreachable")
+    errors: dict[str, NodeError] = {}
+    for client in clients:
+        try:
+            return await call(client)
+        except NodeRejected:
+            raise
+        except NodeBadResponse as exc:
+            if exc.answered is not None:
+                raise  # a webui error body: every node would say the same
+            note_failure(client, exc)
+            errors[client.name] = exc
+        except NodeError as exc:
+            note_failure(client, exc)
+            errors[client.name] = exc
+    raise combined_error("the call", errors, answered=0)

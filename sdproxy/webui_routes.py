@@ -1,0 +1,363 @@
+"""The webui API beyond txt2img/img2img, made right for a cluster.
+
+Reads that say what the cluster can do are merged over the healthy nodes; writes that concern
+every node are sent to all of them; interrupt, skip and progress concern the nodes working for
+sdproxy's running requests; the rest is one node's work (reference section 1 has the table).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from aiohttp import web
+
+from sdproxy.appkeys import cluster_key, settings_key
+from sdproxy.catalog import (
+    intersect_named,
+    merge_embeddings,
+    merge_scripts,
+    redact_flags,
+    union_named,
+)
+from sdproxy.errors import (
+    NoNodeAvailable,
+    NotSupported,
+    RequestValidationError,
+    UnknownCheckpoint,
+    validation_error,
+)
+from sdproxy.fanout import call_each, combined_error, first_answer
+from sdproxy.nodes import NodeClient
+from sdproxy.progress import NodeProgress, aggregate_progress, idle_progress
+from sdproxy.request import parse_bool
+from sdproxy.routes import json_response, read_json
+from sdproxy.scheduler import Cluster
+
+Merge = Callable[[Sequence[Any]], Any]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _lists(answers: Sequence[Any]) -> list[list[Any]]:
+    return [answer for answer in answers if isinstance(answer, list)]
+
+
+def _dicts(answers: Sequence[Any]) -> list[dict[str, Any]]:
+    return [answer for answer in answers if isinstance(answer, dict)]
+
+
+def _intersection(key: str) -> Merge:
+    return lambda answers: intersect_named(_lists(answers), key)
+
+
+def _union(key: str) -> Merge:
+    return lambda answers: union_named(_lists(answers), key)
+
+
+# What every node can run: the intersection. What routing sends to the nodes that have it: the
+# union (first node's entry wins).
+MERGED_GETS: dict[str, Merge] = {
+    "scripts": lambda answers: merge_scripts(_dicts(answers)),
+    "samplers": _intersection("name"),
+    "schedulers": _intersection("name"),
+    "upscalers": _intersection("name"),
+    "sd-models": _union("title"),
+    "sd-vae": _union("model_name"),
+    "loras": _union("name"),
+    "embeddings": lambda answers: merge_embeddings(_dicts(answers)),
+}
+# Node settings and descriptions that are alike on every node: one healthy node answers.
+ONE_NODE_GETS = (
+    "options",
+    "cmd-flags",
+    "memory",
+    "prompt-styles",
+    "script-info",
+    "extensions",
+    "face-restorers",
+    "realesrgan-models",
+    "hypernetworks",
+    "latent-upscale-modes",
+    "sd-modules",
+)
+# State every node must share: sent to all healthy nodes at once (POST options has its own).
+FAN_OUT_POSTS = (
+    "refresh-checkpoints",
+    "refresh-vae",
+    "refresh-embeddings",
+    "refresh-loras",
+    "unload-checkpoint",
+    "reload-checkpoint",
+)
+# One node's work, to the least busy node.
+ONE_NODE_POSTS = ("extra-single-image", "extra-batch-images", "png-info", "interrogate")
+
+
+def _cluster(request: web.Request) -> Cluster:
+    return request.app[cluster_key]
+
+
+def _healthy(request: web.Request) -> list[NodeClient]:
+    healthy = _cluster(request).healthy_clients()
+    if not healthy:
+        raise NoNodeAvailable("no healthy node: every node is down or unreachable")
+    return healthy
+
+
+def _least_busy(request: web.Request) -> list[NodeClient]:
+    """Healthy nodes, least loaded first (queued images for their weight)."""
+    cluster = _cluster(request)
+    return sorted(
+        _healthy(request),
+        key=lambda c: cluster.lanes[c.name].queued_images / c.settings.weight,
+    )
+
+
+def _read_timeout_s(request: web.Request) -> float:
+    return request.app[settings_key].api.read_timeout_s
+
+
+def _write_timeout_s(request: web.Request) -> float:
+    return request.app[settings_key].api.write_timeout_s
+
+
+# --- reads ---------------------------------------------------------------------------------------
+
+
+def merged_get(path: str, merge: Merge) -> Handler:
+    async def handler(request: web.Request) -> web.Response:
+        healthy = _healthy(request)
+        timeout_s = _read_timeout_s(request)
+        answers, errors = await call_each(
+            healthy, lambda c: c.request("GET", f"sdapi/v1/{path}", timeout_s=timeout_s)
+        )
+        if not answers:
+            raise combined_error(f"GET {path}", errors, answered=0)
+        if path == "sd-models":
+            catalog = _cluster(request).models
+            for client in healthy:
+                if client.name in answers:
+                    catalog.record_entries(client, answers[client.name])
+        # Config order, so that "the first node's entry wins" is the same on every call.
+        ordered = [answers[c.name] for c in healthy if c.name in answers]
+        return json_response(merge(ordered))
+
+    handler.__doc__ = f"GET /sdapi/v1/{path}, merged over the healthy nodes."
+    return handler
+
+
+def one_node_get(path: str) -> Handler:
+    async def handler(request: web.Request) -> web.Response:
+        clients = _healthy(request)
+        if path == "options":  # a node on the cluster's checkpoint tells it right
+            catalog = _cluster(request).models
+            clients.sort(key=lambda c: not catalog.on_cluster_checkpoint(c))
+        params = dict(request.query)
+        timeout_s = _read_timeout_s(request)
+        answer = await first_answer(
+            clients,
+            lambda c: c.request("GET", f"sdapi/v1/{path}", params=params, timeout_s=timeout_s),
+        )
+        if path == "cmd-flags" and isinstance(answer, dict):
+            answer = redact_flags(answer)
+        return json_response(answer)
+
+    handler.__doc__ = f"GET /sdapi/v1/{path}, from one healthy node."
+    return handler
+
+
+# --- writes to every node ------------------------------------------------------------------------
+
+
+def fan_out_post(path: str) -> Handler:
+    async def handler(request: web.Request) -> web.Response:
+        healthy = _healthy(request)
+        timeout_s = _write_timeout_s(request)
+        answers, errors = await call_each(
+            healthy, lambda c: c.request("POST", f"sdapi/v1/{path}", timeout_s=timeout_s)
+        )
+        succeeded = [c for c in healthy if c.name in answers]
+        if path == "refresh-checkpoints":
+            await _cluster(request).models.refresh_all(succeeded)
+        # unload-checkpoint leaves the node's sd_model_checkpoint option, which is what routing
+        # goes by: its next generation loads that checkpoint again.
+        if errors:
+            raise combined_error(f"POST {path}", errors, answered=len(answers))
+        return json_response(answers[succeeded[0].name])
+
+    handler.__doc__ = f"POST /sdapi/v1/{path}, sent to every healthy node."
+    return handler
+
+
+async def set_options(request: web.Request) -> web.Response:
+    """POST /sdapi/v1/options to every healthy node; a checkpoint becomes the cluster's."""
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise RequestValidationError(
+            [validation_error(["body"], "value is not a valid dict", "type_error.dict")]
+        )
+    healthy = _healthy(request)
+    catalog = _cluster(request).models
+    name = body.get("sd_model_checkpoint")
+    having: list[NodeClient] = []
+    bodies = {client.name: body for client in healthy}
+    if name is not None:
+        if isinstance(name, str):
+            await catalog.refresh_all([c for c in healthy if catalog.nodes[c.name].entries is None])
+            having = [c for c in healthy if catalog.entry(c, name, closest=False)]
+            if not having:  # a checkpoint added since the lists were read
+                await catalog.refresh_all(healthy)
+                having = [c for c in healthy if catalog.entry(c, name, closest=False)]
+        if not having:
+            raise UnknownCheckpoint(f"model {name!r} not found")
+        # Nodes without the checkpoint get the other options; routing keeps its work off them.
+        rest = {key: value for key, value in body.items() if key != "sd_model_checkpoint"}
+        bodies = {c.name: body if c in having else rest for c in healthy}
+    targets = [c for c in healthy if bodies[c.name]]
+    timeout_s = _write_timeout_s(request)
+    answers, errors = await call_each(
+        targets,
+        lambda c: c.request("POST", "sdapi/v1/options", bodies[c.name], timeout_s=timeout_s),
+    )
+    if isinstance(name, str) and any(c.name in answers for c in having):
+        for client in having:
+            if client.name in answers:
+                catalog.record_loaded(client, name)
+        catalog.checkpoint = name
+    if errors:
+        raise combined_error("POST options", errors, answered=len(answers))
+    return json_response(None)
+
+
+# --- the running requests ------------------------------------------------------------------------
+
+
+async def _tell(request: web.Request, clients: list[NodeClient], path: str) -> None:
+    timeout_s = _read_timeout_s(request)
+    answers, errors = await call_each(
+        clients, lambda c: c.request("POST", f"sdapi/v1/{path}", timeout_s=timeout_s)
+    )
+    if errors:
+        raise combined_error(f"POST {path}", errors, answered=len(answers))
+
+
+async def interrupt(request: web.Request) -> web.Response:
+    """POST /sdapi/v1/interrupt: the running requests stop and return what is finished."""
+    await _tell(request, _cluster(request).interrupt_running(), "interrupt")
+    return json_response({})
+
+
+async def skip(request: web.Request) -> web.Response:
+    """POST /sdapi/v1/skip: the nodes working for running requests skip their current batch."""
+    clients = [lane.client for lane, _ in _cluster(request).running_jobs()]
+    await _tell(request, clients, "skip")
+    return json_response(None)
+
+
+async def progress(request: web.Request) -> web.Response:
+    """GET /sdapi/v1/progress over the nodes working for the running requests."""
+    raw = request.query.get("skip_current_image", "false")
+    skip_image = parse_bool(raw)
+    if skip_image is None:
+        raise RequestValidationError(
+            [
+                validation_error(
+                    ["query", "skip_current_image"],
+                    "value could not be parsed to a boolean",
+                    "type_error.bool",
+                )
+            ]
+        )
+    running = _cluster(request).running_jobs()
+    if not running:
+        return json_response(idle_progress())
+    runs = {job.run for _, job in running}
+    params = {"skip_current_image": "true" if skip_image else "false"}
+    timeout_s = _read_timeout_s(request)
+    answers, _ = await call_each(
+        [lane.client for lane, _ in running],
+        lambda c: c.request("GET", "sdapi/v1/progress", params=params, timeout_s=timeout_s),
+    )
+    nodes = [
+        NodeProgress(job.chunk.images, _dict_or_none(answers.get(lane.client.name)))
+        for lane, job in running
+    ]
+    total = sum(run.request.total_images for run in runs)
+    # Images still to come (rendering or queued) are the run's remaining ones.
+    done = sum(run.request.total_images - max(run.remaining, 0) for run in runs)
+    body = aggregate_progress(
+        nodes, done_images=max(done, 0), total_images=total, skip_current_image=skip_image
+    )
+    return json_response(body)
+
+
+def _dict_or_none(value: Any) -> dict[str, Any] | None:
+    return value if isinstance(value, dict) else None
+
+
+# --- one node's work ----------------------------------------------------------------------------
+
+
+def one_node_post(path: str) -> Handler:
+    async def handler(request: web.Request) -> web.Response:
+        body = await read_json(request)
+        timeout_s = request.app[settings_key].scheduler.share_timeout_floor_s
+        answer = await first_answer(
+            _least_busy(request),
+            lambda c: c.request("POST", f"sdapi/v1/{path}", body, timeout_s=timeout_s),
+        )
+        return json_response(answer)
+
+    handler.__doc__ = f"POST /sdapi/v1/{path}, to the least busy healthy node."
+    return handler
+
+
+async def extension(request: web.Request) -> web.Response:
+    """An extension's own route (e.g. /controlnet/model_list), forwarded to one node."""
+    raw = await request.read()
+    body = await read_json(request) if raw.strip() else None
+    path = request.path.lstrip("/")
+    params = dict(request.query)
+    timeout_s = request.app[settings_key].scheduler.share_timeout_floor_s
+    answer = await first_answer(
+        _least_busy(request),
+        lambda c: c.request(request.method, path, body, params=params, timeout_s=timeout_s),
+    )
+    return json_response(answer)
+
+
+async def not_supported(request: web.Request) -> web.Response:
+    """create/* and train/*: files and training on one node only, which sdproxy will not do."""
+    raise NotSupported(
+        f"{request.path} is not supported by sdproxy: it would change one node's local files; "
+        "call that node directly"
+    )
+
+
+async def ping(_: web.Request) -> web.Response:
+    """GET /internal/ping: sdproxy is up."""
+    return json_response({})
+
+
+def add_webui_routes(app: web.Application) -> None:
+    """Register every route of this module; extension prefixes come from the settings."""
+    router = app.router
+    for path, merge in MERGED_GETS.items():
+        router.add_get(f"/sdapi/v1/{path}", merged_get(path, merge), allow_head=False)
+    for path in ONE_NODE_GETS:
+        router.add_get(f"/sdapi/v1/{path}", one_node_get(path), allow_head=False)
+    router.add_get("/sdapi/v1/progress", progress, allow_head=False)
+    router.add_post("/sdapi/v1/options", set_options)
+    for path in FAN_OUT_POSTS:
+        router.add_post(f"/sdapi/v1/{path}", fan_out_post(path))
+    router.add_post("/sdapi/v1/interrupt", interrupt)
+    router.add_post("/sdapi/v1/skip", skip)
+    for path in ONE_NODE_POSTS:
+        router.add_post(f"/sdapi/v1/{path}", one_node_post(path))
+    for kind in ("embedding", "hypernetwork"):
+        router.add_post(f"/sdapi/v1/create/{kind}", not_supported)
+        router.add_post(f"/sdapi/v1/train/{kind}", not_supported)
+    router.add_get("/internal/ping", ping, allow_head=False)
+    for prefix in app[settings_key].api.extension_prefixes:
+        for method in ("GET", "POST", "PUT", "PATCH", "DELETE"):  # not "*": a bounded set
+            router.add_route(method, f"/{prefix}/{{tail:.*}}", extension)
