@@ -1,11 +1,12 @@
 """Runs generation requests on the cluster: one queue per node, dispatch, failover, merge.
 
-A webui renders one job at a time, so each node has a lane: a FIFO of jobs (one HTTP request
-each) run one after the other by the lane's task. A request is planned into shares, each share
+A webui renders one job at a time, so each node has a lane (lanes.py): a FIFO of jobs (one
+HTTP request each) run one after the other. A request is planned into shares, each share
 cut into jobs, and the jobs queued on their nodes' lanes. When a job fails on a node, the node
 is marked down and the job, with every job still waiting on that lane, is planned again onto
 the usable nodes: seeds were fixed up front, so any image renders the same anywhere. Work that
-finds no usable node is parked until a node comes back or ``wait_for_node_s`` passes.
+finds no usable node is parked until a node comes back or ``wait_for_node_s`` passes. One
+watcher task per node probes it (every interval while up, after a growing cooldown while down).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -30,19 +31,18 @@ from sdproxy.errors import (
     GenerationFailed,
     NodeBadResponse,
     NodeError,
-    NodeRejected,
     NoNodeAvailable,
     NotFound,
     RepeatedWebuiError,
     RequestTimeout,
     SdproxyError,
 )
-from sdproxy.logs import request_id_var
-from sdproxy.merge import BadNodeResult, Merged, Part, merge_parts, read_part, with_grid
+from sdproxy.lanes import Job, Lane, Run
+from sdproxy.merge import Merged, merge_parts, with_grid
 from sdproxy.metrics import Metrics
 from sdproxy.nodes import NodeClient, check_node, probe_all
 from sdproxy.planner import Chunk, NodeCapacity, Share, chunk_share, plan_split
-from sdproxy.request import GenerationRequest, Seeds, node_body, resolve_seeds
+from sdproxy.request import GenerationRequest, resolve_seeds
 
 log = logging.getLogger(__name__)
 
@@ -53,160 +53,6 @@ class GenerationResult:
 
     body: dict[str, Any]
     shares: list[tuple[str, int, int]]  # (node, first image, last image)
-
-
-@dataclass(eq=False)
-class Run:
-    """One client request in flight: collects parts until every image is in."""
-
-    request: GenerationRequest
-    seeds: Seeds
-    parts: list[Part] = field(default_factory=list)
-    whole: Any = None  # the raw answer of an unsplit (script) request
-    remaining: int = 0
-    redispatches: int = 0
-    failures: dict[str, str] = field(default_factory=dict)
-    webui_errors: dict[str, dict[str, Any]] = field(default_factory=dict)  # node -> error body
-    error: SdproxyError | None = None
-    abandoned: bool = False  # the client went away
-    done: asyncio.Event = field(default_factory=asyncio.Event)
-    request_id: str | None = field(default_factory=request_id_var.get)
-    started_at: float = field(default_factory=time.time)  # Unix time, for the dashboard
-    # Interrupted by the client: short answers are the images finished so far, not failures.
-    interrupted: bool = False
-
-    @property
-    def finished(self) -> bool:
-        return self.done.is_set()
-
-    def add(self, part: Part, covered: int) -> None:
-        """A node's answer for ``covered`` images (``part`` may hold fewer when interrupted)."""
-        if self.finished:
-            return
-        self.parts.append(part)
-        self.drop(covered)
-
-    def drop(self, images: int) -> None:
-        """Stop waiting for ``images`` images (rendered, or given up after an interrupt)."""
-        self.remaining -= images
-        if self.remaining <= 0:
-            self.done.set()
-
-    def complete_whole(self, response: Any) -> None:
-        if not self.finished:
-            self.whole = response
-            self.done.set()
-
-    def fail(self, error: SdproxyError) -> None:
-        if not self.finished:
-            self.error = error
-            self.done.set()
-
-    def abandon(self) -> None:
-        """The client disconnected: jobs not yet started are dropped."""
-        if not self.finished:
-            self.abandoned = True
-            self.done.set()
-
-
-@dataclass(eq=False)
-class Job:
-    """One request to one node: a chunk of a run's images, or the whole unsplit request."""
-
-    run: Run
-    chunk: Chunk
-    whole: bool = False
-    parked_at: float | None = None  # loop time it started waiting for a usable node
-
-
-class Lane:
-    """One node's queue of jobs, run one at a time like the webui's own queue lock."""
-
-    def __init__(self, client: NodeClient, cluster: Cluster) -> None:
-        self.client = client
-        self.pending: deque[Job] = deque()
-        self.current: Job | None = None
-        self._cluster = cluster
-        self._wake = asyncio.Event()
-
-    def submit(self, job: Job) -> None:
-        self.pending.append(job)
-        self._wake.set()
-
-    def take_pending(self) -> list[Job]:
-        """Remove and return every job not yet started."""
-        jobs = list(self.pending)
-        self.pending.clear()
-        return jobs
-
-    @property
-    def queued_images(self) -> int:
-        """Images waiting or rendering on this node."""
-        jobs = [*self.pending, *([self.current] if self.current else [])]
-        return sum(job.chunk.images for job in jobs if not job.run.finished)
-
-    async def run_forever(self) -> None:
-        while True:
-            while not self.pending:
-                self._wake.clear()
-                await self._wake.wait()
-            job = self.pending.popleft()
-            if job.run.finished:
-                continue
-            if not self.client.usable:  # went down or was disabled after the job was queued
-                self._cluster.dispatch(job)
-                continue
-            self.current = job
-            try:
-                await self._execute(job)
-            finally:
-                self.current = None
-
-    async def _execute(self, job: Job) -> None:
-        run, chunk, client = job.run, job.chunk, self.client
-        request = run.request
-        if job.whole:
-            body = request.body
-        else:
-            body = node_body(request, run.seeds, chunk.start, chunk.batch_size, chunk.n_iter)
-        timeout_s = self._cluster.share_deadline_s(client.name, request, chunk.images)
-        metrics, started = self._cluster.metrics, time.perf_counter()
-        try:
-            response = await client.generate(request.kind, body, timeout_s)
-            if job.whole:
-                run.complete_whole(response)
-                self._succeeded()
-                metrics.observe_job(client.name, "ok", time.perf_counter() - started)
-                return
-            try:
-                part = read_part(
-                    client.name,
-                    chunk.start,
-                    chunk.images,
-                    response,
-                    request.send_images,
-                    allow_short=run.interrupted,
-                )
-            except BadNodeResult as exc:
-                raise NodeBadResponse(client.name, str(exc)) from exc
-        except NodeRejected as exc:
-            # The node is fine; the request is not. Every node would say the same.
-            self._succeeded()
-            metrics.observe_job(client.name, "rejected", time.perf_counter() - started)
-            run.fail(exc)
-        except NodeError as exc:
-            log.warning("node %s failed images %s..: %s", client.name, chunk.start, exc.reason)
-            metrics.observe_job(client.name, "error", time.perf_counter() - started)
-            self._cluster.failover(self, job, exc)
-        else:
-            self._succeeded(part.count)
-            metrics.observe_job(client.name, "ok", time.perf_counter() - started, part.count)
-            run.add(part, chunk.images)
-
-    def _succeeded(self, images: int = 0) -> None:
-        if self.client.record_success(images) and self.client.usable:
-            # A probe had marked it down meanwhile: work parked for a node can use it now.
-            self._cluster.resume_parked()
 
 
 class Cluster:
