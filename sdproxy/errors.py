@@ -13,7 +13,7 @@
     ├── NoNodeAvailable             503: no healthy node can take the work
     ├── RequestTimeout              504: the request's overall deadline passed
     ├── GenerationFailed            502: shares failed and no node could take them over
-    ├── RepeatedWebuiError          two nodes raised the same webui error: passed through
+    ├── RepeatedWebuiError          a generation got the same webui error twice: passed on
     ├── NodesFailed                 502: a call sent to every node failed on some
     └── NodeError                   one call to one node failed
         ├── NodeUnreachable         refused, reset, DNS: nothing usable came back
@@ -35,7 +35,8 @@ Which failures are whose fault:
   request (from another node, or from the same node after it passed a probe), it blames the
   request: ``RepeatedWebuiError`` passes that status and body to the client, the node that
   answered it second is not marked down, and the first is probed again at once. A one-node
-  cluster thus passes such an error on after one retry.
+  cluster thus passes such an error on after one retry. (Calls that go to one node only, such
+  as interrogate or extras, pass a webui error body on at once: ``NodeBadResponse.answered``.)
 
 Only ``nodes.py`` catches aiohttp's and asyncio's errors and raises ``NodeError``s from them; only
 the error middleware in ``app.py`` turns these exceptions into HTTP responses, through
