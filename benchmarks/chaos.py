@@ -189,6 +189,7 @@ async def main(args: argparse.Namespace) -> int:
     settings = Settings.model_validate(
         {
             "server": {"port": 0},
+            "benchmark": {"on_start": False},  # the clean run teaches the speed model instead
             "scheduler": {
                 "request_timeout_s": 300,
                 "connect_timeout_s": 1,

@@ -11,8 +11,16 @@ from aiohttp import web
 
 from sdproxy import __version__, routes
 from sdproxy.accesslog import make_access_middleware
-from sdproxy.appkeys import autosave_key, cluster_key, metrics_key, session_key, settings_key
+from sdproxy.appkeys import (
+    autosave_key,
+    benchmarker_key,
+    cluster_key,
+    metrics_key,
+    session_key,
+    settings_key,
+)
 from sdproxy.autosave import Autosaver
+from sdproxy.benchmark import Benchmarker
 from sdproxy.config import Settings
 from sdproxy.errors import SdproxyError, webui_error_body
 from sdproxy.metrics import Metrics
@@ -67,6 +75,21 @@ async def _cluster(app: web.Application) -> AsyncIterator[None]:
         await cluster.aclose()
 
 
+async def _benchmarks(app: web.Application) -> AsyncIterator[None]:
+    # Registered after the cluster, so it stops first: no benchmark outlives the lanes.
+    settings = app[settings_key].benchmark
+    benchmarker = Benchmarker(app[cluster_key], settings)
+    missing = await benchmarker.load()
+    if settings.on_start and missing:
+        log.info("benchmarking nodes with no stored result: %s", ", ".join(missing))
+        benchmarker.start(missing)
+    app[benchmarker_key] = benchmarker
+    try:
+        yield
+    finally:
+        await benchmarker.aclose()
+
+
 async def _autosave(app: web.Application) -> AsyncIterator[None]:
     # Registered last, so it stops first: handlers are done, saves already submitted finish.
     directory = app[settings_key].autosave.path
@@ -94,6 +117,7 @@ def create_app(settings: Settings) -> web.Application:
     app[metrics_key] = metrics
     app.cleanup_ctx.append(_client_session)
     app.cleanup_ctx.append(_cluster)
+    app.cleanup_ctx.append(_benchmarks)
     app.cleanup_ctx.append(_autosave)
     routes.add_routes(app)
     log.debug("sdproxy %s app created for %d nodes", __version__, len(settings.nodes))

@@ -1,4 +1,4 @@
-"""The ``sdproxy`` command: serve, fake-node, demo; named exit codes, no traceback on bad input."""
+"""The ``sdproxy`` command: serve, benchmark, fake-node, demo; named exit codes, no tracebacks."""
 
 from __future__ import annotations
 
@@ -7,19 +7,23 @@ import asyncio
 import logging
 import signal
 import socket
+import statistics
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 from sdproxy import __version__
 from sdproxy.app import create_app
-from sdproxy.config import Settings, load_settings
-from sdproxy.errors import ConfigError
+from sdproxy.benchmark import BenchmarkResult, benchmark_node, load_state, save_state
+from sdproxy.config import NodeSettings, Settings, load_settings
+from sdproxy.errors import ConfigError, NodeError
 from sdproxy.fakewebui import FakeNode, FakeNodeSettings, Fault, create_fake_app
 from sdproxy.logs import configure_logging
+from sdproxy.nodes import NodeClient
 
 EXIT_OK = 0
 EXIT_CONFIG = 2  # bad configuration or arguments, like argparse's own usage errors
@@ -51,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="TOML configuration file (without it: SDPROXY_* environment variables only)",
     )
+
+    bench = commands.add_parser("benchmark", help="time every node and store the results")
+    bench.add_argument("--config", type=Path, required=True, help="TOML configuration file")
+    bench.add_argument("--node", default=None, help="only this node (by name)")
 
     fake = commands.add_parser("fake-node", help="run one simulated webui node")
     fake.add_argument("--host", default="127.0.0.1")
@@ -118,11 +126,14 @@ def _model_list(text: str) -> tuple[str, ...]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        settings = load_settings(args.config) if args.command == "serve" else None
+        configured = args.command in ("serve", "benchmark")
+        settings = load_settings(args.config) if configured else None
         from_config = settings.server.log_format if settings is not None else "text"
         configure_logging(args.log_level, args.log_format or from_config)
-        if settings is not None:
+        if args.command == "serve" and settings is not None:
             asyncio.run(_serve(settings))
+        elif args.command == "benchmark" and settings is not None:
+            return asyncio.run(run_benchmarks(settings, args.node))
         elif args.command == "fake-node":
             fake = FakeNodeSettings(
                 name=args.name,
@@ -217,6 +228,90 @@ async def _serve(settings: Settings) -> None:
         await runner.cleanup()
 
 
+async def run_benchmarks(settings: Settings, only: str | None) -> int:
+    """Benchmark every node (or ``only``), print a table, store the results; 1 if any failed."""
+    nodes = [node for node in settings.nodes if only is None or node.name == only]
+    if not nodes:
+        raise ConfigError(f"--node {only}: no node of that name in the configuration")
+    bench = settings.benchmark
+    print(
+        f"benchmarking {len(nodes)} node(s): {bench.steps} steps, {bench.width}x{bench.height}, "
+        f"batch sizes {bench.batch_sizes[0]} and {bench.batch_sizes[1]}, "
+        f"{bench.warmup_runs} warm-up and {bench.timed_runs} timed run(s) each",
+        file=sys.stderr,
+        flush=True,
+    )
+    results: dict[str, BenchmarkResult] = {}
+    errors: dict[str, str] = {}
+    timeout_s = settings.scheduler.share_timeout_floor_s
+    async with aiohttp.ClientSession() as session:
+
+        async def one(node: NodeSettings) -> None:
+            client = NodeClient(session, node, settings.scheduler)
+            try:
+                results[node.name] = await benchmark_node(
+                    client, bench, timeout_s, progress=_print_progress
+                )
+            except NodeError as exc:
+                errors[node.name] = exc.reason
+                _print_progress(node.name, f"failed: {exc.reason}")
+
+        async with asyncio.TaskGroup() as group:
+            for node in nodes:
+                group.create_task(one(node))
+    print(format_results(nodes, results, errors), flush=True)
+    path = bench.state_file
+    if path is not None and results:
+        stored = await asyncio.to_thread(load_state, path)
+        stored.update(results)
+        try:
+            await asyncio.to_thread(save_state, path, stored)
+        except OSError as exc:
+            print(f"sdproxy: cannot store the results in {path}: {exc}", file=sys.stderr)
+            return EXIT_RUNTIME
+        print(f"results stored in {path}", file=sys.stderr)
+    return EXIT_RUNTIME if errors else EXIT_OK
+
+
+def _print_progress(node: str, what: str) -> None:
+    print(f"  {node}: {what}", file=sys.stderr, flush=True)
+
+
+def format_results(
+    nodes: Sequence[NodeSettings], results: dict[str, BenchmarkResult], errors: dict[str, str]
+) -> str:
+    """The benchmark table: one row per node, failures included."""
+    header = ("node", "checkpoint", "batch s", "overhead s", "s/image", "images/min")
+    rows = [header]
+    for node in nodes:
+        result = results.get(node.name)
+        if result is None:
+            rows.append((node.name, f"FAILED: {errors.get(node.name, '?')}", "", "", "", ""))
+            continue
+        medians: dict[int, list[float]] = {}
+        for size, seconds in result.runs:
+            medians.setdefault(size, []).append(seconds)
+        timings = " / ".join(
+            f"{size}: {statistics.median(times):.2f}" for size, times in sorted(medians.items())
+        )
+        per_image = result.per_image_s * result.work_per_image
+        rows.append(
+            (
+                node.name,
+                result.checkpoint or "?",
+                timings,
+                f"{result.overhead_s:.2f}",
+                f"{per_image:.3f}",
+                f"{60 / per_image:.1f}" if per_image > 0 else "-",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
+
+
 async def _fake_node(fake: FakeNodeSettings, host: str, port: int) -> None:
     runner = await start_site(create_fake_app(FakeNode(fake)), host, port)
     log.info("fake webui node %r listening on http://%s:%d", fake.name, host, port)
@@ -247,7 +342,14 @@ async def _demo(host: str, port: int) -> None:
             nodes.append(
                 {"name": name, "url": f"http://127.0.0.1:{node_port}", "weight": 1 / per_image_s}
             )
-        settings = Settings.model_validate({"server": {"host": host, "port": port}, "nodes": nodes})
+        # The demo's weights are its nodes' true speeds: no benchmark needed.
+        settings = Settings.model_validate(
+            {
+                "server": {"host": host, "port": port},
+                "benchmark": {"on_start": False},
+                "nodes": nodes,
+            }
+        )
         runners.append(await start_proxy(settings, host, port))
         url = f"http://{host}:{port}"
         print(DEMO_BANNER.format(url=url, nodes=", ".join(n["name"] for n in nodes)), flush=True)

@@ -53,6 +53,28 @@ class SchedulerSettings(_Section):
     inventory_every_polls: Annotated[int, Field(ge=1)] = 12
     cooldown_base_s: Annotated[float, Field(gt=0)] = 2.0
     cooldown_max_s: Annotated[float, Field(gt=0)] = 60.0
+    max_queued_images: Annotated[int, Field(ge=1)] = 4000
+
+
+class BenchmarkSettings(_Section):
+    """The standard payload every node is timed on, and where the results are kept."""
+
+    prompt: str = "A herd of cows grazing at the bottom of a sunny valley"
+    steps: Annotated[int, Field(ge=1)] = 20
+    width: Annotated[int, Field(ge=8)] = 512
+    height: Annotated[int, Field(ge=8)] = 512
+    batch_sizes: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] = (1, 4)
+    warmup_runs: Annotated[int, Field(ge=0)] = 1
+    timed_runs: Annotated[int, Field(ge=1)] = 3
+    state_file: Path | None = None  # None: sdproxy-state.json beside the configuration file
+    on_start: bool = True  # serve benchmarks, in the background, nodes with no stored result
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _two_sizes(cls, sizes: tuple[int, int]) -> tuple[int, int]:
+        if sizes[0] == sizes[1]:
+            raise ValueError("give two different batch sizes (they fit overhead and slope)")
+        return (min(sizes), max(sizes))
 
 
 _RESERVED_PREFIXES = frozenset(
@@ -95,6 +117,7 @@ class NodeSettings(_Section):
     url: AnyHttpUrl
     weight: Annotated[float, Field(gt=0)] = 1.0
     max_batch_size: Annotated[int | None, Field(ge=1)] = None
+    max_pixels: Annotated[int | None, Field(ge=1)] = None  # batch x width x height per request
 
     @field_validator("url")
     @classmethod
@@ -123,6 +146,7 @@ class Settings(BaseSettings):
 
     server: ServerSettings = ServerSettings()
     scheduler: SchedulerSettings = SchedulerSettings()
+    benchmark: BenchmarkSettings = BenchmarkSettings()
     api: ApiSettings = ApiSettings()
     autosave: AutosaveSettings = AutosaveSettings()
     nodes: Annotated[list[NodeSettings], Field(min_length=1)]
@@ -178,11 +202,26 @@ def load_settings(path: Path | None, **overrides: Any) -> Settings:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
     token = _file_data.set(data)
     try:
-        return Settings(**overrides)
+        settings = Settings(**overrides)
     except ValidationError as exc:
         raise ConfigError(f"{where}: {describe_validation_error(exc, data)}") from exc
     finally:
         _file_data.reset(token)
+    if path is not None:
+        settings = _with_state_file(settings, path)
+    return settings
+
+
+DEFAULT_STATE_FILE = "sdproxy-state.json"
+
+
+def _with_state_file(settings: Settings, config_path: Path) -> Settings:
+    """The benchmark state file resolved against the configuration file's directory."""
+    state = settings.benchmark.state_file or Path(DEFAULT_STATE_FILE)
+    if not state.is_absolute():
+        state = config_path.resolve().parent / state
+    benchmark = settings.benchmark.model_copy(update={"state_file": state})
+    return settings.model_copy(update={"benchmark": benchmark})
 
 
 def describe_validation_error(exc: ValidationError, data: dict[str, Any]) -> str:

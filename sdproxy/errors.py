@@ -8,6 +8,7 @@
     │   ├── RequestValidationError  422, FastAPI's validation body
     │   ├── BodyTooLarge            413
     │   ├── NotFound                404
+    │   ├── QueueFull               429: too many images already queued; Retry-After
     │   └── NotSupported            501: node-local actions (create/*, train/*)
     ├── UnknownCheckpoint           500 like the webui's: POST options names no node's model
     ├── NoNodeAvailable             503: no healthy node can take the work
@@ -99,6 +100,19 @@ class NotFound(ClientError):
 
     def body(self) -> dict[str, Any]:
         return webui_error_body("HTTPException", detail=str(self))
+
+
+class QueueFull(ClientError):
+    """The cluster's queue holds as many images as it is configured to; try again later."""
+
+    status = 429
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
 
 
 class NotSupported(ClientError):

@@ -1,13 +1,15 @@
 """A request in flight (Run), one node request (Job), and each node's queue of them (Lane).
 
 A webui renders one job at a time, so each node has a lane: a FIFO of jobs run one after the
-other by the lane's task. What to do with a failed job is the cluster's business
-(``Cluster.failover`` in scheduler.py); a lane only reports it.
+other by the lane's task, which also teaches the node's speed model from every finished job.
+What to do with a failed job is the cluster's business (``Cluster.failover`` in scheduler.py);
+a lane only reports it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -20,6 +22,7 @@ from sdproxy.merge import BadNodeResult, Part, read_part
 from sdproxy.nodes import NodeClient
 from sdproxy.planner import Chunk
 from sdproxy.request import GenerationRequest, Seeds, node_body
+from sdproxy.speed import SpeedModel
 
 if TYPE_CHECKING:
     from sdproxy.scheduler import Cluster
@@ -46,6 +49,7 @@ class Run:
     started_at: float = field(default_factory=time.time)  # Unix time, for the dashboard
     # Interrupted by the client: short answers are the images finished so far, not failures.
     interrupted: bool = False
+    work_per_image: float = 1.0
 
     @property
     def finished(self) -> bool:
@@ -90,6 +94,11 @@ class Job:
     whole: bool = False
     parked_at: float | None = None  # loop time it started waiting for a usable node
 
+    @property
+    def work(self) -> float:
+        """Units of work (images of 20 steps at 512x512) the job renders."""
+        return self.chunk.images * self.run.work_per_image
+
 
 class Lane:
     """One node's queue of jobs, run one at a time like the webui's own queue lock."""
@@ -98,8 +107,20 @@ class Lane:
         self.client = client
         self.pending: deque[Job] = deque()
         self.current: Job | None = None
+        self.started_at = 0.0  # loop time the current job started
+        self.model = SpeedModel(client.settings.weight)
+        # Held while a job runs; a benchmark takes it between jobs, never during one.
+        self.turn = asyncio.Lock()
         self._cluster = cluster
         self._wake = asyncio.Event()
+
+    @property
+    def name(self) -> str:
+        return self.client.name
+
+    @property
+    def idle(self) -> bool:
+        return self.current is None and not self.pending
 
     def submit(self, job: Job) -> None:
         self.pending.append(job)
@@ -117,22 +138,45 @@ class Lane:
         jobs = [*self.pending, *([self.current] if self.current else [])]
         return sum(job.chunk.images for job in jobs if not job.run.finished)
 
+    def backlog_s(self, now: float) -> float:
+        """Predicted seconds until this node has finished everything queued on it."""
+        cluster = self._cluster
+        total = 0.0
+        if self.current is not None and not self.current.run.finished:
+            predicted = cluster.predict_s(self, self.current.work)
+            total += max(predicted - (now - self.started_at), 0.0)
+        for job in self.pending:
+            if not job.run.finished:
+                total += cluster.predict_s(self, job.work)
+        return total
+
     async def run_forever(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             while not self.pending:
                 self._wake.clear()
-                await self._wake.wait()
-            job = self.pending.popleft()
-            if job.run.finished:
-                continue
-            if not self.client.usable:  # went down or was disabled after the job was queued
-                self._cluster.dispatch(job)
-                continue
-            self.current = job
-            try:
-                await self._execute(job)
-            finally:
-                self.current = None
+                if self._cluster.rebalance():
+                    continue
+                # Idle: look again now and then, in case work elsewhere runs late.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._cluster.steal_interval_s):
+                        await self._wake.wait()
+            async with self.turn:  # a benchmark run may hold it: the job stays visible meanwhile
+                if not self.pending:
+                    continue  # taken over by another lane while the benchmark ran
+                job = self.pending.popleft()
+                if job.run.finished:
+                    continue
+                if not self.client.usable:  # went down or was disabled after it was queued
+                    self._cluster.dispatch(job)
+                    continue
+                self.current = job
+                self.started_at = loop.time()
+                try:
+                    await self._execute(job)
+                finally:
+                    self.current = None
+            self._cluster.rebalance()
 
     async def _execute(self, job: Job) -> None:
         run, chunk, client = job.run, job.chunk, self.client
@@ -145,6 +189,8 @@ class Lane:
         metrics, started = self._cluster.metrics, time.perf_counter()
         try:
             response = await client.generate(request.kind, body, timeout_s)
+            if not run.interrupted:  # a short, interrupted answer says nothing of the speed
+                self.model.observe(job.work, time.perf_counter() - started)
             if job.whole:
                 run.complete_whole(response)
                 self._succeeded()

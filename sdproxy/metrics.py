@@ -17,9 +17,12 @@ _REQUEST_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 30
 _JOB_BUCKETS_S = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 900)
 
 
-def speed_estimate(client: NodeClient) -> float:
-    """A node's current relative speed: the one figure the planner splits by."""
-    return client.settings.weight
+def speed_estimate(cluster: Cluster, client: NodeClient) -> float:
+    """A node's estimated speed: images per second of 20 steps at 512x512, overhead aside.
+
+    Before anything is measured on any node this is the configured weight.
+    """
+    return 1.0 / cluster.estimate(cluster.lanes[client.name]).per_unit_s
 
 
 class Metrics:
@@ -72,7 +75,7 @@ class Metrics:
         )
         self.node_speed = Gauge(
             "sdproxy_node_speed_estimate",
-            "The node's relative speed the planner splits batches by.",
+            "The node's estimated images per second (20 steps, 512x512), from its speed model.",
             ["node"],
             registry=r,
         )
@@ -103,7 +106,7 @@ class Metrics:
                 name = client.name
                 self.node_healthy.labels(name).set(1 if client.stats.healthy else 0)
                 self.queued_images.labels(name).set(cluster.lanes[name].queued_images)
-                self.node_speed.labels(name).set(speed_estimate(client))
+                self.node_speed.labels(name).set(speed_estimate(cluster, client))
                 # Nodes with nothing yet still show up, at zero, so dashboards see them.
                 self.images_rendered.labels(name)
                 self.failovers.labels(name)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import heapq
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 
@@ -62,6 +63,65 @@ def plan_split(units: int, nodes: Sequence[NodeCapacity], start: int = 0) -> lis
     )
     for i in by_remainder[:left]:
         counts[i] += 1
+    shares: list[Share] = []
+    at = start
+    for node, count in zip(nodes, counts, strict=True):
+        if count:
+            shares.append(Share(node.name, at, count))
+            at += count
+    return shares
+
+
+@dataclass(frozen=True)
+class NodeLoad:
+    """What the makespan planner knows of one healthy node, for one request."""
+
+    name: str
+    overhead_s: float  # predicted fixed seconds per node request
+    per_unit_s: float  # predicted seconds per unit (image, or whole batch) of this request
+    backlog_s: float = 0.0  # predicted seconds of work already queued or running on the node
+    batch_limit: int | None = None  # units per node request; None: any count is one request
+
+
+def share_time_s(node: NodeLoad, count: int) -> float:
+    """Predicted seconds from now until ``node`` has rendered ``count`` more units.
+
+    A share larger than the batch limit goes as at most two node requests (see chunk_share),
+    so it pays the overhead twice; this keeps the time non-decreasing in ``count``.
+    """
+    if count <= 0:
+        return 0.0
+    limit = node.batch_limit
+    requests = 1 if limit is None or count <= limit else 2
+    return node.backlog_s + requests * node.overhead_s + count * node.per_unit_s
+
+
+def predicted_makespan_s(nodes: Sequence[NodeLoad], counts: Mapping[str, int]) -> float:
+    """When the last of the request's units is predicted done, given units per node."""
+    return max((share_time_s(n, counts.get(n.name, 0)) for n in nodes), default=0.0)
+
+
+def plan_makespan(units: int, nodes: Sequence[NodeLoad], start: int = 0) -> list[Share]:
+    """Integer shares of ``units`` that minimise the predicted time the last unit is done.
+
+    Each unit in turn goes to the node that would finish it earliest, counting that node's
+    backlog, overhead and the units it already has. Every node's finishing times grow with its
+    count, so the units handed out are the ``units`` earliest finishing times of all nodes
+    together, and no other split can end sooner. A node whose backlog or overhead makes its
+    first unit finish later than the others' last one gets nothing; ties go to the faster node,
+    then the earlier one. Shares are contiguous from ``start`` in the order of ``nodes``.
+    """
+    if units < 0:
+        raise ValueError("units must be >= 0")
+    if not nodes:
+        raise ValueError("no nodes to plan for")
+    counts = [0] * len(nodes)
+    heap = [(share_time_s(node, 1), node.per_unit_s, i) for i, node in enumerate(nodes)]
+    heapq.heapify(heap)
+    for _ in range(units):
+        _, per_unit, i = heapq.heappop(heap)
+        counts[i] += 1
+        heapq.heappush(heap, (share_time_s(nodes[i], counts[i] + 1), per_unit, i))
     shares: list[Share] = []
     at = start
     for node, count in zip(nodes, counts, strict=True):

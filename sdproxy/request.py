@@ -38,6 +38,10 @@ class GenerationRequest:
     width: int
     height: int
     echo: dict[str, Any]  # what the webui echoes in parameters for the fields sdproxy rewrites
+    denoising_strength: float = 0.0  # img2img: the share of steps actually sampled
+    hr_steps: int | None = None  # hires fix's second pass steps; None without hires fix
+    hr_width: int = 0  # the size hires fix upscales to
+    hr_height: int = 0
 
     @property
     def total_images(self) -> int:
@@ -134,6 +138,8 @@ def parse_generation(kind: Kind, body: Any, *, max_images: int) -> GenerationReq
     reader.string("negative_prompt")
     script_name = reader.string("script_name")
     init_images = reader.image_list("init_images") if kind == "img2img" else 0
+    denoising_strength = reader.number("denoising_strength", 0.75 if kind == "img2img" else 0.0)
+    hires = _read_hires(reader, kind, steps, width, height)
     reader.raise_if_errors()
     if kind == "img2img" and body.get("init_images") is None:
         raise NotFound("Init image not found")
@@ -175,7 +181,36 @@ def parse_generation(kind: Kind, body: Any, *, max_images: int) -> GenerationReq
         width=width,
         height=height,
         echo={key: _echo(body, key, default) for key, default in _REWRITTEN.items()},
+        denoising_strength=denoising_strength,
+        hr_steps=hires[0] if hires else None,
+        hr_width=hires[1] if hires else 0,
+        hr_height=hires[2] if hires else 0,
     )
+
+
+def _read_hires(
+    reader: _FieldReader, kind: Kind, steps: int, width: int, height: int
+) -> tuple[int, int, int] | None:
+    """Hires fix's second pass as (steps, width, height), with the webui's defaults.
+
+    The target size is the webui's ``calculate_target_resolution``: hr_resize_x/y when either is
+    set (the other kept in proportion), else the size times hr_scale.
+    """
+    if kind != "txt2img" or not reader.boolean("enable_hr", False):
+        return None
+    scale = reader.number("hr_scale", 2.0)
+    second_pass = reader.optional_integer("hr_second_pass_steps", 0) or 0
+    resize_x = reader.optional_integer("hr_resize_x", 0) or 0
+    resize_y = reader.optional_integer("hr_resize_y", 0) or 0
+    if resize_x <= 0 and resize_y <= 0:
+        size = int(width * scale), int(height * scale)
+    elif resize_y <= 0:
+        size = resize_x, resize_x * height // width
+    elif resize_x <= 0:
+        size = resize_y * width // height, resize_y
+    else:
+        size = resize_x, resize_y
+    return (second_pass if second_pass > 0 else steps), max(1, size[0]), max(1, size[1])
 
 
 # Fields node_body() rewrites, with the webui's defaults for when the client left them out.

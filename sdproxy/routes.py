@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import orjson
@@ -9,9 +10,10 @@ from aiohttp import web
 
 from sdproxy import __version__, metrics
 from sdproxy.accesslog import Outcome, outcome_key
-from sdproxy.appkeys import autosave_key, cluster_key, metrics_key, settings_key
+from sdproxy.appkeys import autosave_key, benchmarker_key, cluster_key, metrics_key, settings_key
+from sdproxy.benchmark import Benchmarker
 from sdproxy.dashboard import cluster_page, in_flight
-from sdproxy.errors import RequestValidationError, validation_error
+from sdproxy.errors import NotFound, RequestValidationError, validation_error
 from sdproxy.nodes import NodeClient
 from sdproxy.request import Kind, parse_generation
 from sdproxy.scheduler import Cluster
@@ -81,9 +83,14 @@ async def img2img(request: web.Request) -> web.Response:
     return await _generate(request, "img2img")
 
 
-def node_status(cluster: Cluster, client: NodeClient) -> dict[str, Any]:
+def node_status(
+    cluster: Cluster, benchmarker: Benchmarker, client: NodeClient, now: float
+) -> dict[str, Any]:
     """One node's entry in /cluster/status (times are Unix seconds)."""
     stats, health = client.stats, client.health
+    lane = cluster.lanes[client.name]
+    estimate = cluster.estimate(lane)
+    result = benchmarker.results.get(client.name)
     models = cluster.models.nodes[client.name]  # what the last read of its lists found
     return {
         "name": client.name,
@@ -92,11 +99,11 @@ def node_status(cluster: Cluster, client: NodeClient) -> dict[str, Any]:
         "state_reason": health.state_reason,
         "healthy": client.usable,
         "weight": client.settings.weight,
-        "speed_estimate": metrics.speed_estimate(client),
+        "speed_estimate": round(metrics.speed_estimate(cluster, client), 4),
         "max_batch_size": client.settings.max_batch_size,
         "images_rendered": stats.images_rendered,
         "requests_sent": stats.requests_sent,
-        "queued_images": cluster.lanes[client.name].queued_images,
+        "queued_images": lane.queued_images,
         "consecutive_failures": health.consecutive_failures,
         "last_error": health.last_error,
         "last_error_at": health.last_error_at,
@@ -104,32 +111,71 @@ def node_status(cluster: Cluster, client: NodeClient) -> dict[str, Any]:
         "next_probe_at": None if health.up else health.next_probe_at,
         "models": [entry["title"] for entry in models.entries or () if "title" in entry],
         "current_model": models.loaded,
+        "backlog_s": round(lane.backlog_s(now), 3),
+        "speed": {
+            "source": estimate.source,
+            "overhead_s": round(estimate.overhead_s, 4),
+            "per_image_s": round(estimate.per_unit_s, 4),  # 20 steps at 512x512
+            "samples": estimate.samples,
+        },
+        "benchmark": {
+            "running": client.name in benchmarker.running,
+            "measured_at": result.measured_at if result else None,
+            "checkpoint": result.checkpoint if result else None,
+            "overhead_s": round(result.overhead_s, 4) if result else None,
+            "per_image_s": round(result.per_image_s, 4) if result else None,
+            "error": benchmarker.errors.get(client.name),
+        },
     }
 
 
 async def cluster_status(request: web.Request) -> web.Response:
     """GET /cluster/status: every node, its health and what it rendered."""
     cluster = request.app[cluster_key]
-    nodes = [node_status(cluster, client) for client in cluster.clients]
-    body = {
-        "version": __version__,
-        "waiting_images": cluster.waiting_images,
-        "nodes": nodes,
-        "in_flight": in_flight(cluster),
-    }
-    return json_response(body)
+    benchmarker = request.app[benchmarker_key]
+    now = asyncio.get_running_loop().time()
+    nodes = [node_status(cluster, benchmarker, client, now) for client in cluster.clients]
+    return json_response(
+        {
+            "version": __version__,
+            "queued_images": cluster.queued_images(),
+            "max_queued_images": cluster.settings.scheduler.max_queued_images,
+            "waiting_images": cluster.waiting_images,
+            "nodes": nodes,
+            "in_flight": in_flight(cluster),
+        }
+    )
+
+
+async def _one_node(request: web.Request, client: NodeClient) -> web.Response:
+    now = asyncio.get_running_loop().time()
+    cluster, benchmarker = request.app[cluster_key], request.app[benchmarker_key]
+    return json_response(node_status(cluster, benchmarker, client, now))
 
 
 async def disable_node(request: web.Request) -> web.Response:
-    cluster = request.app[cluster_key]
-    client = cluster.disable(request.match_info["name"])
-    return json_response(node_status(cluster, client))
+    """POST /cluster/nodes/{name}/disable: no new work for the node until enabled."""
+    client = request.app[cluster_key].disable(request.match_info["name"])
+    return await _one_node(request, client)
 
 
 async def enable_node(request: web.Request) -> web.Response:
+    """POST /cluster/nodes/{name}/enable: the node takes work again (probed at once)."""
+    client = request.app[cluster_key].enable(request.match_info["name"])
+    return await _one_node(request, client)
+
+
+async def cluster_benchmark(request: web.Request) -> web.Response:
+    """Re-run the benchmark of every node, or of ``?node=NAME``, in the background: 202."""
     cluster = request.app[cluster_key]
-    client = cluster.enable(request.match_info["name"])
-    return json_response(node_status(cluster, client))
+    wanted = request.query.get("node")
+    if wanted is not None and wanted not in cluster.lanes:
+        raise NotFound(f"no node named {wanted!r}")
+    names = [wanted] if wanted is not None else list(cluster.lanes)
+    benchmarker = request.app[benchmarker_key]
+    started = benchmarker.start(names)
+    running = sorted(benchmarker.running)
+    return json_response({"started": started, "running": running}, status=202)
 
 
 async def prometheus_metrics(request: web.Request) -> web.Response:
@@ -150,3 +196,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/metrics", prometheus_metrics)
     webui_routes.add_webui_routes(app)
     app.router.add_get("/openapi.json", openapi.openapi_json, allow_head=False)
+    app.router.add_post("/cluster/benchmark", cluster_benchmark)

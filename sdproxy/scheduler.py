@@ -1,12 +1,17 @@
 """Runs generation requests on the cluster: one queue per node, dispatch, failover, merge.
 
-A webui renders one job at a time, so each node has a lane (lanes.py): a FIFO of jobs (one
-HTTP request each) run one after the other. A request is planned into shares, each share
-cut into jobs, and the jobs queued on their nodes' lanes. When a job fails on a node, the node
-is marked down and the job, with every job still waiting on that lane, is planned again onto
-the usable nodes: seeds were fixed up front, so any image renders the same anywhere. Work that
-finds no usable node is parked until a node comes back or ``wait_for_node_s`` passes. One
-watcher task per node probes it (every interval while up, after a growing cooldown while down).
+A webui renders one job at a time, so each node has a lane: a FIFO of jobs (one HTTP request
+each) run one after the other by the lane's task. A request is planned into shares that end it
+as early as each node's speed model and backlog (predicted seconds of work queued or running on
+it) allow, each share cut into jobs, and the jobs queued on their nodes' lanes, first come
+first served. Every finished job teaches its node's model. When a lane runs dry while jobs of a
+request still wait on another lane, the idle node takes over the part of the waiting work it
+finishes earlier (work stealing). When a job fails on a node, the node is marked down and the
+job, with every job still waiting on that lane, is planned again onto the usable nodes: seeds
+were fixed up front, so any image renders the same anywhere. Work that finds no usable node is
+parked until a node comes back or ``wait_for_node_s`` passes. One watcher task per node probes
+it (every interval while up, after a growing cooldown while down). Run, Job and Lane are in
+lanes.py.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import contextlib
 import logging
 import math
 import random
+import statistics
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -24,7 +30,7 @@ from typing import Any
 
 import aiohttp
 
-from sdproxy import images
+from sdproxy import images, stealing
 from sdproxy.checkpoints import ModelCatalog
 from sdproxy.config import Settings
 from sdproxy.errors import (
@@ -33,6 +39,7 @@ from sdproxy.errors import (
     NodeError,
     NoNodeAvailable,
     NotFound,
+    QueueFull,
     RepeatedWebuiError,
     RequestTimeout,
     SdproxyError,
@@ -41,8 +48,9 @@ from sdproxy.lanes import Job, Lane, Run
 from sdproxy.merge import Merged, merge_parts, with_grid
 from sdproxy.metrics import Metrics
 from sdproxy.nodes import NodeClient, check_node, probe_all
-from sdproxy.planner import Chunk, NodeCapacity, Share, chunk_share, plan_split
+from sdproxy.planner import Chunk, NodeLoad, Share, chunk_share, plan_makespan
 from sdproxy.request import GenerationRequest, resolve_seeds
+from sdproxy.speed import NOMINAL_PER_UNIT_S, SpeedEstimate, work_per_image
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +65,8 @@ class GenerationResult:
 
 class Cluster:
     """Every node behind sdproxy, their lanes, and the requests running on them."""
+
+    steal_interval_s = 0.5  # how often an idle lane looks for late work elsewhere
 
     def __init__(
         self,
@@ -119,12 +129,31 @@ class Cluster:
         """Images of requests parked until a node comes back."""
         return sum(job.chunk.images for job in self._parked if not job.run.finished)
 
-    def predict_job_s(self, node: str, request: GenerationRequest, images: int) -> float | None:
-        """Seconds ``node`` should take for ``images`` of ``request``; None when unknown.
+    # --- speed -----------------------------------------------------------------------------
 
-        Issue 3's speed model fills this in; until then there is no prediction.
+    def estimate(self, lane: Lane) -> SpeedEstimate:
+        """The lane's speed; an unmeasured node is scaled like the measured ones, by weight."""
+        return lane.model.estimate(self._nominal_per_unit_s())
+
+    def predict_s(self, lane: Lane, work: float, requests: int = 1) -> float:
+        return self.estimate(lane).predict_s(work, requests)
+
+    def predict_job_s(self, node: str, request: GenerationRequest, images: int) -> float | None:
+        """Predicted seconds ``node`` takes to render ``images`` of ``request``.
+
+        The share's own running time (as the one or two node requests it is cut into), not the
+        wait for the work queued before it. None while nothing was measured on the node
+        (neither a benchmark nor a finished job): then only the configured weight is known.
         """
-        return None
+        lane = self.lanes.get(node)
+        if lane is None or not lane.model.measured or images <= 0:
+            return None
+        unit = request.unit_size
+        limit = self.batch_limit(lane, request)
+        requests = (
+            1 if limit is None else max(1, len(chunk_share(Share(node, 0, images // unit), limit)))
+        )
+        return lane.model.estimate().predict_s(images * work_per_image(request), requests)
 
     def share_deadline_s(self, node: str, request: GenerationRequest, images: int) -> float:
         """How long one node request may take before the node counts as failed."""
@@ -134,13 +163,31 @@ class Cluster:
             return scheduler.share_timeout_floor_s
         return max(scheduler.share_timeout_floor_s, scheduler.share_timeout_factor * predicted)
 
+    def _nominal_per_unit_s(self) -> float:
+        """Seconds per unit at weight 1, as the measured nodes show it (or a nominal guess)."""
+        measured = [
+            lane.model.estimate().per_unit_s * lane.model.weight
+            for lane in self.lanes.values()
+            if lane.model.measured
+        ]
+        return statistics.median(measured) if measured else NOMINAL_PER_UNIT_S
+
+    # --- requests --------------------------------------------------------------------------
+
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         """Render ``request`` on the usable nodes and merge the answers into one."""
+        eligible = self.healthy_clients()
+        if eligible:
+            self._check_queue(request, eligible)
         seeds = resolve_seeds(request, self._rng)
-        run = Run(request, seeds, remaining=request.total_images)
-        usable = self.healthy_clients()
-        if usable:
-            await self.models.prepare(request, usable)
+        run = Run(
+            request,
+            seeds,
+            remaining=request.total_images,
+            work_per_image=work_per_image(request),
+        )
+        if eligible:
+            await self.models.prepare(request, eligible)
         if request.splittable:
             job = Job(run, Chunk(0, request.total_images, 1))
         else:
@@ -171,6 +218,74 @@ class Cluster:
             merged = await self._add_grid(merged, request)
         return GenerationResult(merged.to_json_dict(), merged.shares)
 
+    def queued_images(self) -> int:
+        return sum(lane.queued_images for lane in self.lanes.values())
+
+    def _check_queue(self, request: GenerationRequest, healthy: list[NodeClient]) -> None:
+        """429 when this request would take the queue past max_queued_images."""
+        limit = self.settings.scheduler.max_queued_images
+        queued = self.queued_images()
+        if queued and queued + request.total_images > limit:
+            now = asyncio.get_running_loop().time()
+            soonest = min(self.lanes[c.name].backlog_s(now) for c in healthy)
+            retry_after = min(max(math.ceil(soonest), 1), 600)
+            raise QueueFull(
+                f"{queued} images are queued; sdproxy takes at most {limit} "
+                f"(scheduler.max_queued_images)",
+                retry_after_s=retry_after,
+            )
+
+    def _whole_lane(self, job: Job, healthy: list[NodeClient]) -> Lane:
+        """The lane that would finish an unsplit job first."""
+        now = asyncio.get_running_loop().time()
+        lanes = [self.lanes[c.name] for c in healthy]
+        return min(lanes, key=lambda lane: lane.backlog_s(now) + self.predict_s(lane, job.work))
+
+    def _plan(self, run: Run, units: int, start: int, healthy: list[NodeClient]) -> list[Share]:
+        """Shares of ``units`` from ``start`` that end earliest given every node's backlog."""
+        request = run.request
+        now = asyncio.get_running_loop().time()
+        unit_work = run.work_per_image * request.unit_size
+        loads = []
+        for client in healthy:
+            lane = self.lanes[client.name]
+            limit = self.batch_limit(lane, request)
+            if limit == 0:
+                continue
+            estimate = self.estimate(lane)
+            loads.append(
+                NodeLoad(
+                    client.name,
+                    overhead_s=estimate.overhead_s,
+                    per_unit_s=estimate.per_unit_s * unit_work,
+                    backlog_s=lane.backlog_s(now),
+                    batch_limit=limit,
+                )
+            )
+        if not loads:
+            raise NoNodeAvailable(
+                f"no healthy node takes {request.width}x{request.height} images "
+                "within its max_pixels"
+            )
+        return plan_makespan(units, loads, start)
+
+    def batch_limit(self, lane: Lane, request: GenerationRequest) -> int | None:
+        """Units one node request of ``lane`` may carry: None for whole-batch units, 0 for none.
+
+        Single images go in batches no larger than the client's batch_size (what the client
+        knows fits in VRAM), the node's max_batch_size, nor its max_pixels.
+        """
+        if request.split_by_iteration:
+            return None
+        node = lane.client.settings
+        limit = request.batch_size
+        if node.max_batch_size is not None:
+            limit = min(limit, node.max_batch_size)
+        if node.max_pixels is not None:
+            pixels = max(request.width * request.height, request.hr_width * request.hr_height)
+            limit = min(limit, node.max_pixels // pixels)
+        return limit
+
     def dispatch(self, job: Job, *, routing_errors: bool = False) -> None:
         """Queue a job's images on the usable nodes that may render it, or park it.
 
@@ -196,13 +311,16 @@ class Cluster:
             return
         job.parked_at = None
         if job.whole:
-            node = min(usable, key=lambda c: self.lanes[c.name].queued_images / _weight(c))
-            self.lanes[node.name].submit(job)
+            self._whole_lane(job, usable).submit(job)
             return
         unit = run.request.unit_size
-        shares = plan_split(
-            job.chunk.images // unit, self._capacities(usable), job.chunk.start // unit
-        )
+        try:
+            shares = self._plan(run, job.chunk.images // unit, job.chunk.start // unit, usable)
+        except NoNodeAvailable as exc:  # no usable node takes images this large (max_pixels)
+            if routing_errors:
+                raise
+            run.fail(exc)
+            return
         self._queue(run, shares)
 
     def failover(self, lane: Lane, failed: Job, error: NodeError) -> None:
@@ -375,35 +493,29 @@ class Cluster:
 
     def _queue(self, run: Run, shares: Iterable[Share]) -> None:
         for share in shares:
-            for chunk in self._chunks(run.request, share):
-                self.lanes[share.node].submit(Job(run, chunk))
+            for job in self.jobs_for(run, share):
+                self.lanes[share.node].submit(job)
+
+    def jobs_for(self, run: Run, share: Share) -> list[Job]:
+        """The jobs (node requests) that render ``share`` of ``run`` on its node."""
+        return [Job(run, chunk) for chunk in self._chunks(run.request, share)]
 
     def _chunks(self, request: GenerationRequest, share: Share) -> list[Chunk]:
-        """Cut a share of units into node requests.
-
-        Single images go in batches no larger than the client's batch_size (what the client
-        knows fits in VRAM) nor the node's max_batch_size; whole batches go as one request.
-        """
+        """Cut a share of units into node requests: whole batches go as one request."""
         if request.split_by_iteration:
             size = request.unit_size
             return [Chunk(share.start * size, size, share.count)]
-        limit = request.batch_size
-        node_limit = self.lanes[share.node].client.settings.max_batch_size
-        if node_limit is not None:
-            limit = min(limit, node_limit)
-        return chunk_share(share, limit)
+        limit = self.batch_limit(self.lanes[share.node], request)
+        return chunk_share(share, max(limit or 1, 1))
 
-    def _capacities(self, clients: list[NodeClient]) -> list[NodeCapacity]:
-        return [NodeCapacity(client.name, _weight(client)) for client in clients]
+    def rebalance(self) -> bool:
+        """Let idle healthy lanes take over waiting work they finish earlier; True if any did."""
+        return stealing.rebalance(self)
 
     async def _add_grid(self, merged: Merged, request: GenerationRequest) -> Merged:
         if not request.send_images:
             return with_grid(merged, None)
         infotexts = merged.info.get("infotexts") or [None]
-        rendered = merged.images[: request.total_images]  # not the extra images after them
+        rendered = merged.images[: merged.rendered]  # not the extra images after them
         grid = await asyncio.to_thread(images.build_grid, rendered, infotexts[0])
         return with_grid(merged, grid)
-
-
-def _weight(client: NodeClient) -> float:
-    return client.settings.weight

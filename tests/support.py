@@ -57,8 +57,12 @@ async def fake_nodes(*settings: FakeNodeSettings) -> AsyncIterator[list[RunningN
 async def proxy(
     nodes: Sequence[RunningNode | dict[str, Any]], **sections: Any
 ) -> AsyncIterator[str]:
-    """Start sdproxy in front of ``nodes`` and yield its base URL."""
+    """Start sdproxy in front of ``nodes`` and yield its base URL.
+
+    No background benchmark unless ``benchmark`` says so: it would send nodes extra requests.
+    """
     node_list = [{"name": n.name, "url": n.url} if isinstance(n, RunningNode) else n for n in nodes]
+    sections.setdefault("benchmark", {"on_start": False})
     settings = Settings.model_validate({"server": {"port": 0}, **sections, "nodes": node_list})
     runner = await start_proxy(settings, "127.0.0.1", 0)
     try:

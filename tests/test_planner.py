@@ -1,12 +1,25 @@
-"""Tests for the pure planner: proportional integer shares and request chunking."""
+"""Tests for the pure planner: makespan-optimal and proportional shares, request chunking."""
 
 from __future__ import annotations
+
+import itertools
+import math
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sdproxy.planner import Chunk, NodeCapacity, Share, chunk_share, plan_split
+from sdproxy.planner import (
+    Chunk,
+    NodeCapacity,
+    NodeLoad,
+    Share,
+    chunk_share,
+    plan_makespan,
+    plan_split,
+    predicted_makespan_s,
+    share_time_s,
+)
 
 weights = st.floats(min_value=0.01, max_value=100, allow_nan=False)
 capacities = st.lists(weights, min_size=1, max_size=6).map(
@@ -98,3 +111,100 @@ class TestChunkShare:
             assert 1 <= chunk.batch_size <= limit
             at += chunk.images
         assert at == start + count
+
+
+loads = st.lists(
+    st.builds(
+        lambda i, overhead, per_unit, backlog, limit: (i, overhead, per_unit, backlog, limit),
+        st.just(0),
+        st.floats(0, 5),
+        st.floats(0.01, 10),
+        st.floats(0, 20),
+        st.one_of(st.none(), st.integers(1, 8)),
+    ),
+    min_size=1,
+    max_size=6,
+).map(
+    lambda rows: [
+        NodeLoad(f"n{i}", overhead, per_unit, backlog, limit)
+        for i, (_, overhead, per_unit, backlog, limit) in enumerate(rows)
+    ]
+)
+
+
+def counts_of(shares: list[Share]) -> dict[str, int]:
+    return {share.node: share.count for share in shares}
+
+
+class TestPlanMakespan:
+    """plan_makespan gives integer shares that finish the request as early as predicted possible."""
+
+    @given(units=st.integers(0, 300), nodes=loads, start=st.integers(0, 50))
+    def test_plan_makespan_tiles_the_range(
+        self, units: int, nodes: list[NodeLoad], start: int
+    ) -> None:
+        """Shares are contiguous from start, non-empty, and sum exactly to units."""
+        at = start
+        for share in plan_makespan(units, nodes, start):
+            assert share.start == at
+            assert share.count > 0
+            at = share.stop
+        assert at == start + units
+
+    @given(units=st.integers(1, 300), nodes=loads)
+    def test_plan_makespan_beats_proportional_split(
+        self, units: int, nodes: list[NodeLoad]
+    ) -> None:
+        """Never later than the split proportional to speed (1 / per-unit time)."""
+        planned = predicted_makespan_s(nodes, counts_of(plan_makespan(units, nodes)))
+        speeds = [NodeCapacity(n.name, 1 / n.per_unit_s) for n in nodes]
+        proportional = predicted_makespan_s(nodes, counts_of(plan_split(units, speeds)))
+        assert planned <= proportional + 1e-9
+
+    @given(units=st.integers(1, 300), nodes=loads)
+    def test_plan_makespan_beats_every_single_node(self, units: int, nodes: list[NodeLoad]) -> None:
+        """Never later than any one node rendering everything."""
+        planned = predicted_makespan_s(nodes, counts_of(plan_makespan(units, nodes)))
+        for node in nodes:
+            assert planned <= share_time_s(node, units) + 1e-9
+
+    @given(units=st.integers(1, 40), nodes=loads.filter(lambda ns: len(ns) <= 3))
+    def test_plan_makespan_is_optimal_for_small_cases(
+        self, units: int, nodes: list[NodeLoad]
+    ) -> None:
+        """Exhaustive search over every split finds nothing earlier."""
+        planned = predicted_makespan_s(nodes, counts_of(plan_makespan(units, nodes)))
+        best = math.inf
+        for split in itertools.product(range(units + 1), repeat=len(nodes) - 1):
+            rest = units - sum(split)
+            if rest < 0:
+                continue
+            counts = {n.name: c for n, c in zip(nodes, [*split, rest], strict=True)}
+            best = min(best, predicted_makespan_s(nodes, counts))
+        assert planned <= best + 1e-9
+
+    @given(units=st.integers(0, 200), nodes=loads)
+    def test_plan_makespan_is_deterministic(self, units: int, nodes: list[NodeLoad]) -> None:
+        """Equal inputs give equal plans."""
+        assert plan_makespan(units, nodes) == plan_makespan(units, list(nodes))
+
+    def test_plan_makespan_skips_node_that_is_a_net_loss(self) -> None:
+        """A node whose overhead alone outlasts the others' whole share gets nothing."""
+        nodes = [NodeLoad("fast", 0.1, 0.1), NodeLoad("laggy", 5.0, 0.1)]
+        assert counts_of(plan_makespan(8, nodes)) == {"fast": 8}
+
+    def test_plan_makespan_small_request_goes_to_one_node(self) -> None:
+        """One image goes to the node that finishes it first, whatever the list order."""
+        nodes = [NodeLoad("slow", 0.2, 2.0), NodeLoad("fast", 0.2, 0.5)]
+        assert plan_makespan(1, nodes) == [Share("fast", 0, 1)]
+
+    def test_plan_makespan_counts_backlog(self) -> None:
+        """A busy fast node gets less than an idle one of the same speed."""
+        nodes = [NodeLoad("busy", 0.0, 1.0, backlog_s=4.0), NodeLoad("idle", 0.0, 1.0)]
+        assert counts_of(plan_makespan(8, nodes)) == {"busy": 2, "idle": 6}
+
+    def test_plan_makespan_remainder_to_earliest_finisher(self) -> None:
+        """Speeds 1:2:4 with 8 units: the remainder goes where it finishes first."""
+        nodes = [NodeLoad("a", 0.0, 4.0), NodeLoad("b", 0.0, 2.0), NodeLoad("c", 0.0, 1.0)]
+        # Quotas 1.14/2.29/4.57: c finishes a 5th unit at 5, b a 3rd at 6, a a 2nd at 8.
+        assert counts_of(plan_makespan(8, nodes)) == {"a": 1, "b": 2, "c": 5}

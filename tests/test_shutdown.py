@@ -65,6 +65,7 @@ class TestSigterm:
             config = tmp_path / "sdproxy.toml"
             config.write_text(
                 f"[server]\nport = {port}\nshutdown_grace_s = 30\n\n"
+                "[benchmark]\non_start = false\n\n"
                 f'[[nodes]]\nname = "n0"\nurl = "{nodes[0].url}"\n'
             )
             process = await asyncio.create_subprocess_exec(
