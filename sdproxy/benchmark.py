@@ -246,7 +246,7 @@ class Benchmarker:
 
     async def _measure(self, name: str) -> None:
         lane = self.cluster.lanes[name]
-        timeout_s = self.cluster.settings.scheduler.share_timeout_s
+        timeout_s = self.cluster.settings.scheduler.share_timeout_floor_s
         try:
             result = await benchmark_node(
                 lane.client, self.settings, timeout_s, turn=lane.turn, progress=_log_progress

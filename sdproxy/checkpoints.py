@@ -63,10 +63,10 @@ class ModelCatalog:
         self.nodes[client.name].loaded = found["title"] if found else name
 
     def in_sync(self, client: NodeClient) -> bool:
-        """Lists read, and the cluster's checkpoint pushed, since the node last failed."""
+        """Lists read, and the cluster's checkpoint pushed, since the node was last down."""
         state = self.nodes[client.name]
-        last_error_at = client.stats.last_error_at or 0.0
-        return state.synced_at is not None and state.synced_at >= last_error_at
+        last_down_at = client.health.last_down_at or 0.0
+        return state.synced_at is not None and state.synced_at >= last_down_at
 
     def on_cluster_checkpoint(self, client: NodeClient) -> bool:
         """In sync and running the cluster's checkpoint (if one was set): its options are right."""

@@ -21,7 +21,7 @@ from sdproxy.app import create_app
 from sdproxy.benchmark import BenchmarkResult, benchmark_node, load_state, save_state
 from sdproxy.config import NodeSettings, Settings, load_settings
 from sdproxy.errors import ConfigError, NodeError
-from sdproxy.fakewebui import FakeNode, FakeNodeSettings, create_fake_app
+from sdproxy.fakewebui import FakeNode, FakeNodeSettings, Fault, create_fake_app
 from sdproxy.limits import connection_limits
 from sdproxy.logs import configure_logging
 from sdproxy.nodes import NodeClient
@@ -75,6 +75,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--models", type=_model_list, default=None, help="comma-separated checkpoint titles"
     )
     fake.add_argument("--api-auth", default=None, help="user:pass[,user2:pass2], like the webui")
+    fake.add_argument(
+        "--fail-mode",
+        choices=["none", "error500", "hang", "reset", "truncated", "exit", "slow"],
+        default="none",
+        help="simulate a failure on generation requests (exit: the process dies)",
+    )
+    fake.add_argument(
+        "--fail-after-s", type=_non_negative, default=0.0, help="seconds into a generation"
+    )
+    fake.add_argument(
+        "--fail-times",
+        type=_count,
+        default=None,
+        help="fail only the first N generation requests (default: all)",
+    )
 
     demo = commands.add_parser("demo", help="run sdproxy in front of three simulated nodes")
     demo.add_argument("--host", default="127.0.0.1")
@@ -88,6 +103,16 @@ def _non_negative(text: str) -> float:
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
 
@@ -119,6 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             if args.models:
                 fake.models = args.models
+            fake.fault = Fault(args.fail_mode, args.fail_after_s, args.fail_times)
             asyncio.run(_fake_node(fake, args.host, args.port))
         else:
             asyncio.run(_demo(args.host, args.port))
@@ -145,13 +171,28 @@ async def wait_for_signal() -> None:
 
 
 async def start_site(
-    app: web.Application, host: str, port: int, **server_args: Any
+    app: web.Application,
+    host: str,
+    port: int,
+    *,
+    shutdown_timeout_s: float = 30.0,
+    handler_cancellation: bool = False,
+    **server_args: Any,
 ) -> web.AppRunner:
     """Serve ``app`` on host:port; the caller owns the runner's cleanup().
 
-    ``server_args`` go to aiohttp's request handler (see limits.connection_limits).
+    cleanup() stops accepting connections, waits up to ``shutdown_timeout_s`` for requests in
+    flight, then cancels them. ``handler_cancellation`` cancels a handler whose client has
+    disconnected (aiohttp does not by default). ``server_args`` go to aiohttp's request handler
+    (see limits.connection_limits).
     """
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=30.0, **server_args)
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        shutdown_timeout=shutdown_timeout_s,
+        handler_cancellation=handler_cancellation,
+        **server_args,
+    )
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()
@@ -161,11 +202,20 @@ async def start_site(
     return runner
 
 
-async def _serve(settings: Settings) -> None:
-    server = settings.server
-    runner = await start_site(
-        create_app(settings), server.host, server.port, **connection_limits(server)
+async def start_proxy(settings: Settings, host: str, port: int) -> web.AppRunner:
+    """Serve sdproxy: handlers of departed clients are cancelled, shutdown waits the grace."""
+    return await start_site(
+        create_app(settings),
+        host,
+        port,
+        shutdown_timeout_s=settings.server.shutdown_grace_s,
+        handler_cancellation=True,
+        **connection_limits(settings.server),
     )
+
+
+async def _serve(settings: Settings) -> None:
+    runner = await start_proxy(settings, settings.server.host, settings.server.port)
     log.info(
         "sdproxy %s listening on http://%s:%d with %d nodes",
         __version__,
@@ -176,6 +226,10 @@ async def _serve(settings: Settings) -> None:
     try:
         await wait_for_signal()
     finally:
+        log.info(
+            "stopping: no new connections; waiting up to %g s for requests in flight",
+            settings.server.shutdown_grace_s,
+        )
         await runner.cleanup()
 
 
@@ -194,7 +248,7 @@ async def run_benchmarks(settings: Settings, only: str | None) -> int:
     )
     results: dict[str, BenchmarkResult] = {}
     errors: dict[str, str] = {}
-    timeout_s = settings.scheduler.share_timeout_s
+    timeout_s = settings.scheduler.share_timeout_floor_s
     async with aiohttp.ClientSession() as session:
 
         async def one(node: NodeSettings) -> None:
@@ -301,8 +355,7 @@ async def _demo(host: str, port: int) -> None:
                 "nodes": nodes,
             }
         )
-        limits = connection_limits(settings.server)
-        runners.append(await start_site(create_app(settings), host, port, **limits))
+        runners.append(await start_proxy(settings, host, port))
         url = f"http://{host}:{port}"
         print(DEMO_BANNER.format(url=url, nodes=", ".join(n["name"] for n in nodes)), flush=True)
         await wait_for_signal()

@@ -55,6 +55,7 @@ class ServerSettings(_Section):
     max_headers: Annotated[int, Field(ge=8)] = 128
     keepalive_timeout_s: Annotated[float, Field(gt=0)] = 30.0
     body_timeout_s: Annotated[float, Field(gt=0)] = 300.0
+    shutdown_grace_s: Annotated[float, Field(gt=0)] = 30.0
     log_format: Literal["text", "json"] = "text"
 
     @field_validator("api_auth")
@@ -87,10 +88,15 @@ class SchedulerSettings(_Section):
 
     request_timeout_s: Annotated[float, Field(gt=0)] = 1800.0
     connect_timeout_s: Annotated[float, Field(gt=0)] = 5.0
-    share_timeout_s: Annotated[float, Field(gt=0)] = 900.0
+    share_timeout_factor: Annotated[float, Field(ge=1)] = 3.0
+    share_timeout_floor_s: Annotated[float, Field(gt=0)] = 600.0
     max_redispatches: Annotated[int, Field(ge=0)] = 3
+    wait_for_node_s: Annotated[float, Field(ge=0)] = 30.0
     health_interval_s: Annotated[float, Field(gt=0)] = 5.0
     health_timeout_s: Annotated[float, Field(gt=0)] = 3.0
+    inventory_every_polls: Annotated[int, Field(ge=1)] = 12
+    cooldown_base_s: Annotated[float, Field(gt=0)] = 2.0
+    cooldown_max_s: Annotated[float, Field(gt=0)] = 60.0
     max_queued_images: Annotated[int, Field(ge=1)] = 4000
 
 

@@ -9,7 +9,8 @@ from typing import Any
 
 from aiohttp import web
 
-from sdproxy.scheduler import Cluster, Run
+from sdproxy.lanes import Run
+from sdproxy.scheduler import Cluster
 
 
 @cache

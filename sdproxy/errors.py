@@ -26,6 +26,22 @@
         ├── NodeAuthFailed          401/403: the node refused sdproxy's own credentials
         └── NodeRejected            the node answered 4xx: the request is at fault
 
+Which failures are whose fault:
+
+- ``NodeUnreachable``, ``NodeTimeout`` and ``NodeBadResponse`` (a 5xx, a body that is not JSON or
+  is cut short, JSON without the images asked for) blame the node: it is marked down at once and
+  the images it had not delivered are planned again onto the other nodes, with the same seeds.
+- ``NodeRejected`` (a 4xx) blames the request: the node stays up and the client gets the node's
+  status and body unchanged, as every node would answer the same.
+- A 500 whose body is the webui's own error JSON (``{"error", "detail", "body", "errors"}``) is
+  ``NodeRaised``, and ambiguous: a CUDA out-of-memory or a broken extension on one node looks the
+  same as a request every node fails (an unknown ``override_settings`` key is a 500 ``KeyError``).
+  The node stays up and, for a generation, the images are tried once on another node. If that
+  node renders them, the first node was at fault and is taken out like a failed node; if it
+  raises too, or no other node may take the work, the request is at fault: the client gets the
+  node's own body with status 422 and no node is taken out. (Calls that go to one node only, such
+  as interrogate or extras, pass that body on at once.)
+
 Only ``nodes.py`` catches aiohttp's and asyncio's errors and raises ``NodeError``s from them; only
 the error middleware in ``app.py`` turns these exceptions into HTTP responses, through
 :func:`error_response_parts`.

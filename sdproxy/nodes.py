@@ -22,6 +22,7 @@ from sdproxy.errors import (
     NodeTimeout,
     NodeUnreachable,
 )
+from sdproxy.health import NodeHealth
 
 # The webui's api_middleware answers any exception a job raises with these keys.
 _WEBUI_ERROR_KEYS = frozenset({"error", "detail", "body", "errors"})
@@ -32,13 +33,31 @@ _JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json
 class NodeStats:
     """What sdproxy has seen of one node, for planning and /cluster/status."""
 
-    healthy: bool = False
+    health: NodeHealth
     images_rendered: int = 0
     requests_sent: int = 0
-    consecutive_failures: int = 0
-    last_error: str | None = None
-    last_error_at: float | None = None  # Unix time
-    last_ok_at: float | None = None
+
+    @property
+    def healthy(self) -> bool:
+        """The node may be given work: up and not disabled."""
+        return self.health.usable
+
+    # Read-only views of the health state, for code that reads them off the stats.
+    @property
+    def consecutive_failures(self) -> int:
+        return self.health.consecutive_failures
+
+    @property
+    def last_error(self) -> str | None:
+        return self.health.last_error
+
+    @property
+    def last_error_at(self) -> float | None:
+        return self.health.last_error_at
+
+    @property
+    def last_ok_at(self) -> float | None:
+        return self.health.last_ok_at
 
 
 class NodeClient:
@@ -55,7 +74,8 @@ class NodeClient:
     ) -> None:
         self.settings = settings
         self.name = settings.name
-        self.stats = NodeStats()
+        self.health = NodeHealth(scheduler.cooldown_base_s, scheduler.cooldown_max_s)
+        self.stats = NodeStats(self.health)
         self._session = session
         self._base = URL(settings.base_url)
         self._connect_timeout_s = scheduler.connect_timeout_s
@@ -145,22 +165,23 @@ class NodeClient:
             )
         return payload
 
-    def record_success(self, images: int = 0) -> None:
-        self.stats.healthy = True
-        self.stats.consecutive_failures = 0
+    @property
+    def usable(self) -> bool:
+        """Up and not disabled: the node may be given work."""
+        return self.health.usable
+
+    def record_success(self, images: int = 0) -> bool:
+        """A call succeeded; True if the node was down and is back."""
         self.stats.images_rendered += images
-        self.stats.last_ok_at = time.time()
+        return self.health.record_ok(time.time())
+
+    def record_failure(self, error: NodeError, *, probe: bool = False) -> bool:
+        """A call failed: the node is down at once. True if it was up."""
+        return self.health.record_failure(error.reason, time.time(), probe=probe)
 
     def record_raised(self, error: NodeError) -> None:
-        """The node answered, but the job raised: note it without taking the node out."""
-        self.stats.last_error = error.reason
-        self.stats.last_error_at = time.time()
-
-    def record_failure(self, error: NodeError) -> None:
-        self.stats.healthy = False
-        self.stats.consecutive_failures += 1
-        self.stats.last_error = error.reason
-        self.stats.last_error_at = time.time()
+        """The node answered, but the job raised: noted, without taking the node out."""
+        self.health.note_error(error.reason, time.time())
 
 
 def tls_context(settings: NodeSettings) -> ssl.SSLContext | bool:
@@ -185,20 +206,21 @@ def _error_text(payload: Any) -> str:
     return "unexpected body"
 
 
+async def check_node(client: NodeClient, timeout_s: float) -> bool:
+    """Probe one node and record the outcome. True if it came back."""
+    try:
+        await client.probe(timeout_s)
+    except NodeRejected:
+        # It answered: reachable. A 401 here is the auth configuration's problem.
+        return client.record_success()
+    except NodeError as exc:
+        client.record_failure(exc, probe=True)
+        return False
+    return client.record_success()
+
+
 async def probe_all(clients: list[NodeClient], timeout_s: float) -> None:
     """Probe every node concurrently and record the outcome on each."""
-
-    async def probe_one(client: NodeClient) -> None:
-        try:
-            await client.probe(timeout_s)
-        except NodeRejected:
-            # It answered: reachable. A 401 here is the auth configuration's problem.
-            client.record_success()
-        except NodeError as exc:
-            client.record_failure(exc)
-        else:
-            client.record_success()
-
     async with asyncio.TaskGroup() as group:
         for client in clients:
-            group.create_task(probe_one(client))
+            group.create_task(check_node(client, timeout_s))

@@ -11,6 +11,7 @@ from aiohttp import web
 from sdproxy import __version__, images, metrics
 from sdproxy.accesslog import Outcome, outcome_key
 from sdproxy.appkeys import autosave_key, benchmarker_key, cluster_key, metrics_key, settings_key
+from sdproxy.benchmark import Benchmarker
 from sdproxy.config import ServerSettings
 from sdproxy.dashboard import cluster_page, in_flight
 from sdproxy.errors import (
@@ -20,6 +21,7 @@ from sdproxy.errors import (
     RequestValidationError,
     validation_error,
 )
+from sdproxy.nodes import NodeClient
 from sdproxy.request import (
     GenerationRequest,
     InputLimits,
@@ -27,6 +29,7 @@ from sdproxy.request import (
     decodable_images,
     parse_generation,
 )
+from sdproxy.scheduler import Cluster
 
 SHARES_HEADER = "X-Sdproxy-Shares"
 
@@ -138,57 +141,86 @@ async def img2img(request: web.Request) -> web.Response:
     return await _generate(request, "img2img")
 
 
+def node_status(
+    cluster: Cluster, benchmarker: Benchmarker, client: NodeClient, now: float
+) -> dict[str, Any]:
+    """One node's entry in /cluster/status (times are Unix seconds)."""
+    stats, health = client.stats, client.health
+    lane = cluster.lanes[client.name]
+    estimate = cluster.estimate(lane)
+    result = benchmarker.results.get(client.name)
+    models = cluster.models.nodes[client.name]  # what the last read of its lists found
+    return {
+        "name": client.name,
+        "url": client.settings.base_url,
+        "state": health.state,
+        "state_reason": health.state_reason,
+        "healthy": client.usable,
+        "weight": client.settings.weight,
+        "speed_estimate": round(metrics.speed_estimate(cluster, client), 4),
+        "max_batch_size": client.settings.max_batch_size,
+        "images_rendered": stats.images_rendered,
+        "requests_sent": stats.requests_sent,
+        "queued_images": lane.queued_images,
+        "consecutive_failures": health.consecutive_failures,
+        "last_error": health.last_error,
+        "last_error_at": health.last_error_at,
+        "last_ok_at": health.last_ok_at,
+        "next_probe_at": None if health.up else health.next_probe_at,
+        "models": [entry["title"] for entry in models.entries or () if "title" in entry],
+        "current_model": models.loaded,
+        "backlog_s": round(lane.backlog_s(now), 3),
+        "speed": {
+            "source": estimate.source,
+            "overhead_s": round(estimate.overhead_s, 4),
+            "per_image_s": round(estimate.per_unit_s, 4),  # 20 steps at 512x512
+            "samples": estimate.samples,
+        },
+        "benchmark": {
+            "running": client.name in benchmarker.running,
+            "measured_at": result.measured_at if result else None,
+            "checkpoint": result.checkpoint if result else None,
+            "overhead_s": round(result.overhead_s, 4) if result else None,
+            "per_image_s": round(result.per_image_s, 4) if result else None,
+            "error": benchmarker.errors.get(client.name),
+        },
+    }
+
+
 async def cluster_status(request: web.Request) -> web.Response:
     """GET /cluster/status: every node, its health and what it rendered."""
     cluster = request.app[cluster_key]
     benchmarker = request.app[benchmarker_key]
     now = asyncio.get_running_loop().time()
-    nodes = []
-    for client in cluster.clients:
-        stats = client.stats
-        lane = cluster.lanes[client.name]
-        estimate = cluster.estimate(lane)
-        result = benchmarker.results.get(client.name)
-        nodes.append(
-            {
-                "name": client.name,
-                "url": client.settings.base_url,
-                "healthy": stats.healthy,
-                "weight": client.settings.weight,
-                "speed_estimate": round(metrics.speed_estimate(cluster, client), 4),
-                "max_batch_size": client.settings.max_batch_size,
-                "images_rendered": stats.images_rendered,
-                "requests_sent": stats.requests_sent,
-                "queued_images": cluster.lanes[client.name].queued_images,
-                "consecutive_failures": stats.consecutive_failures,
-                "last_error": stats.last_error,
-                "last_error_at": stats.last_error_at,
-                "backlog_s": round(lane.backlog_s(now), 3),
-                "speed": {
-                    "source": estimate.source,
-                    "overhead_s": round(estimate.overhead_s, 4),
-                    "per_image_s": round(estimate.per_unit_s, 4),  # 20 steps at 512x512
-                    "samples": estimate.samples,
-                },
-                "benchmark": {
-                    "running": client.name in benchmarker.running,
-                    "measured_at": result.measured_at if result else None,
-                    "checkpoint": result.checkpoint if result else None,
-                    "overhead_s": round(result.overhead_s, 4) if result else None,
-                    "per_image_s": round(result.per_image_s, 4) if result else None,
-                    "error": benchmarker.errors.get(client.name),
-                },
-            }
-        )
+    nodes = [node_status(cluster, benchmarker, client, now) for client in cluster.clients]
     return json_response(
         {
             "version": __version__,
             "queued_images": cluster.queued_images(),
             "max_queued_images": cluster.settings.scheduler.max_queued_images,
+            "waiting_images": cluster.waiting_images,
             "nodes": nodes,
             "in_flight": in_flight(cluster),
         }
     )
+
+
+async def _one_node(request: web.Request, client: NodeClient) -> web.Response:
+    now = asyncio.get_running_loop().time()
+    cluster, benchmarker = request.app[cluster_key], request.app[benchmarker_key]
+    return json_response(node_status(cluster, benchmarker, client, now))
+
+
+async def disable_node(request: web.Request) -> web.Response:
+    """POST /cluster/nodes/{name}/disable: no new work for the node until enabled."""
+    client = request.app[cluster_key].disable(request.match_info["name"])
+    return await _one_node(request, client)
+
+
+async def enable_node(request: web.Request) -> web.Response:
+    """POST /cluster/nodes/{name}/enable: the node takes work again (probed at once)."""
+    client = request.app[cluster_key].enable(request.match_info["name"])
+    return await _one_node(request, client)
 
 
 async def cluster_benchmark(request: web.Request) -> web.Response:
@@ -216,6 +248,8 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/sdapi/v1/txt2img", txt2img)
     app.router.add_post("/sdapi/v1/img2img", img2img)
     app.router.add_get("/cluster/status", cluster_status)
+    app.router.add_post("/cluster/nodes/{name}/disable", disable_node)
+    app.router.add_post("/cluster/nodes/{name}/enable", enable_node)
     app.router.add_get("/cluster", cluster_page)
     app.router.add_get("/metrics", prometheus_metrics)
     webui_routes.add_webui_routes(app)

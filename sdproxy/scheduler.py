@@ -7,8 +7,11 @@ it) allow, each share cut into jobs, and the jobs queued on their nodes' lanes, 
 first served. Every finished job teaches its node's model. When a lane runs dry while jobs of a
 request still wait on another lane, the idle node takes over the part of the waiting work it
 finishes earlier (work stealing). When a job fails on a node, the node is marked down and the
-job, with every job still waiting on that lane, is planned again onto the healthy nodes: seeds
-were fixed up front, so any image renders the same anywhere.
+job, with every job still waiting on that lane, is planned again onto the usable nodes: seeds
+were fixed up front, so any image renders the same anywhere. Work that finds no usable node is
+parked until a node comes back or ``wait_for_node_s`` passes. One watcher task per node probes
+it (every interval while up, after a growing cooldown while down). Run, Job and Lane are in
+lanes.py.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import statistics
 import time
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -32,24 +35,25 @@ from sdproxy.checkpoints import ModelCatalog
 from sdproxy.config import Settings
 from sdproxy.errors import (
     GenerationFailed,
-    NodeBadResponse,
     NodeError,
     NodeRaised,
-    NodeRejected,
     NoNodeAvailable,
+    NotFound,
     QueueFull,
     RequestTimeout,
     SdproxyError,
 )
-from sdproxy.logs import request_id_var
-from sdproxy.merge import BadNodeResult, Merged, Part, merge_parts, read_part, with_grid
+from sdproxy.lanes import Job, Lane, Run
+from sdproxy.merge import Merged, merge_parts, with_grid
 from sdproxy.metrics import Metrics
-from sdproxy.nodes import NodeClient, probe_all
+from sdproxy.nodes import NodeClient, check_node, probe_all
 from sdproxy.planner import Chunk, NodeLoad, Share, chunk_share, plan_makespan
-from sdproxy.request import GenerationRequest, Seeds, node_body, resolve_seeds
-from sdproxy.speed import NOMINAL_PER_UNIT_S, SpeedEstimate, SpeedModel, work_per_image
+from sdproxy.request import GenerationRequest, resolve_seeds
+from sdproxy.speed import NOMINAL_PER_UNIT_S, SpeedEstimate, work_per_image
 
 log = logging.getLogger(__name__)
+
+Blame = tuple[NodeClient, NodeRaised]  # a node whose job raised, and what it raised
 
 
 @dataclass
@@ -58,198 +62,6 @@ class GenerationResult:
 
     body: dict[str, Any]
     shares: list[tuple[str, int, int]]  # (node, first image, last image)
-
-
-@dataclass(eq=False)
-class Run:
-    """One client request in flight: collects parts until every image is in."""
-
-    request: GenerationRequest
-    seeds: Seeds
-    parts: list[Part] = field(default_factory=list)
-    whole: Any = None  # the raw answer of an unsplit (script) request
-    remaining: int = 0
-    redispatches: int = 0
-    failures: dict[str, str] = field(default_factory=dict)
-    raised: set[str] = field(default_factory=set)  # nodes on which a job of this run raised
-    error: SdproxyError | None = None
-    done: asyncio.Event = field(default_factory=asyncio.Event)
-    request_id: str | None = field(default_factory=request_id_var.get)
-    started_at: float = field(default_factory=time.time)  # Unix time, for the dashboard
-    # Interrupted by the client: short answers are the images finished so far, not failures.
-    interrupted: bool = False
-    work_per_image: float = 1.0
-
-    @property
-    def finished(self) -> bool:
-        return self.done.is_set()
-
-    def add(self, part: Part, covered: int) -> None:
-        """A node's answer for ``covered`` images (``part`` may hold fewer when interrupted)."""
-        if self.finished:
-            return
-        self.parts.append(part)
-        self.drop(covered)
-
-    def drop(self, images: int) -> None:
-        """Stop waiting for ``images`` images (rendered, or given up after an interrupt)."""
-        self.remaining -= images
-        if self.remaining <= 0:
-            self.done.set()
-
-    def complete_whole(self, response: Any) -> None:
-        if not self.finished:
-            self.whole = response
-            self.done.set()
-
-    def fail(self, error: SdproxyError) -> None:
-        if not self.finished:
-            self.error = error
-            self.done.set()
-
-
-@dataclass(eq=False)
-class Job:
-    """One request to one node: a chunk of a run's images, or the whole unsplit request."""
-
-    run: Run
-    chunk: Chunk
-    whole: bool = False
-    # The node this job's images raised on before (NodeRaised): if they render here, that
-    # node, not the request, was at fault, and it is taken out.
-    blame: tuple[NodeClient, NodeRaised] | None = None
-
-    @property
-    def work(self) -> float:
-        """Units of work (images of 20 steps at 512x512) the job renders."""
-        return self.chunk.images * self.run.work_per_image
-
-
-class Lane:
-    """One node's queue of jobs, run one at a time like the webui's own queue lock."""
-
-    def __init__(self, client: NodeClient, cluster: Cluster) -> None:
-        self.client = client
-        self.pending: deque[Job] = deque()
-        self.current: Job | None = None
-        self.started_at = 0.0  # loop time the current job started
-        self.model = SpeedModel(client.settings.weight)
-        # Held while a job runs; a benchmark takes it between jobs, never during one.
-        self.turn = asyncio.Lock()
-        self._cluster = cluster
-        self._wake = asyncio.Event()
-
-    @property
-    def name(self) -> str:
-        return self.client.name
-
-    @property
-    def idle(self) -> bool:
-        return self.current is None and not self.pending
-
-    def submit(self, job: Job) -> None:
-        self.pending.append(job)
-        self._wake.set()
-
-    def take_pending(self) -> list[Job]:
-        """Remove and return every job not yet started."""
-        jobs = list(self.pending)
-        self.pending.clear()
-        return jobs
-
-    @property
-    def queued_images(self) -> int:
-        """Images waiting or rendering on this node."""
-        jobs = [*self.pending, *([self.current] if self.current else [])]
-        return sum(job.chunk.images for job in jobs if not job.run.finished)
-
-    def backlog_s(self, now: float) -> float:
-        """Predicted seconds until this node has finished everything queued on it."""
-        cluster = self._cluster
-        total = 0.0
-        if self.current is not None and not self.current.run.finished:
-            predicted = cluster.predict_s(self, self.current.work)
-            total += max(predicted - (now - self.started_at), 0.0)
-        for job in self.pending:
-            if not job.run.finished:
-                total += cluster.predict_s(self, job.work)
-        return total
-
-    async def run_forever(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            while not self.pending:
-                self._wake.clear()
-                if self._cluster.rebalance():
-                    continue
-                # Idle: look again now and then, in case work elsewhere runs late.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self._cluster.steal_interval_s):
-                        await self._wake.wait()
-            async with self.turn:  # a benchmark run may hold it: the job stays visible meanwhile
-                if not self.pending:
-                    continue  # taken over by another lane while the benchmark ran
-                job = self.pending.popleft()
-                if job.run.finished:
-                    continue
-                self.current = job
-                self.started_at = loop.time()
-                try:
-                    await self._execute(job)
-                finally:
-                    self.current = None
-            self._cluster.rebalance()
-
-    async def _execute(self, job: Job) -> None:
-        run, chunk, client = job.run, job.chunk, self.client
-        request = run.request
-        if job.whole:
-            body = request.body
-        else:
-            body = node_body(request, run.seeds, chunk.start, chunk.batch_size, chunk.n_iter)
-        timeout_s = self._cluster.settings.scheduler.share_timeout_s
-        metrics, started = self._cluster.metrics, time.perf_counter()
-        try:
-            response = await client.generate(request.kind, body, timeout_s)
-            if not run.interrupted:  # a short, interrupted answer says nothing of the speed
-                self.model.observe(job.work, time.perf_counter() - started)
-            if job.whole:
-                run.complete_whole(response)
-                client.record_success()
-                metrics.observe_job(client.name, "ok", time.perf_counter() - started)
-                self._cluster.blame(job)
-                return
-            try:
-                part = read_part(
-                    client.name,
-                    chunk.start,
-                    chunk.images,
-                    response,
-                    request.send_images,
-                    allow_short=run.interrupted,
-                )
-            except BadNodeResult as exc:
-                raise NodeBadResponse(client.name, str(exc)) from exc
-        except NodeRejected as exc:
-            # The node is fine; the request is not. Every node would say the same.
-            client.record_success()
-            metrics.observe_job(client.name, "rejected", time.perf_counter() - started)
-            run.fail(exc)
-        except NodeRaised as exc:
-            log.info("node %s raised on images %s..: %s", client.name, chunk.start, exc.reason)
-            client.record_raised(exc)
-            metrics.observe_job(client.name, "error", time.perf_counter() - started)
-            self._cluster.retry_elsewhere(job, client, exc)
-        except NodeError as exc:
-            log.warning("node %s failed images %s..: %s", client.name, chunk.start, exc.reason)
-            client.record_failure(exc)
-            metrics.observe_job(client.name, "error", time.perf_counter() - started)
-            self._cluster.failover(self, job, exc)
-        else:
-            client.record_success(part.count)
-            metrics.observe_job(client.name, "ok", time.perf_counter() - started, part.count)
-            run.add(part, chunk.images)
-            self._cluster.blame(job)
 
 
 class Cluster:
@@ -272,30 +84,51 @@ class Cluster:
         self.models = ModelCatalog(self.clients, settings.api)
         self._rng = rng or random.SystemRandom()
         self._tasks: list[asyncio.Task[None]] = []
+        self._wakes = {client.name: asyncio.Event() for client in self.clients}
+        self._parked: list[Job] = []
+        self._timers: set[asyncio.TimerHandle] = set()
 
     async def start(self) -> None:
-        """Probe every node once, then start the lanes and the health poller."""
+        """Probe every node once, then start the lanes and one health watcher per node."""
         await probe_all(self.clients, self.settings.scheduler.health_timeout_s)
         async with asyncio.TaskGroup() as group:
             for client in self.healthy_clients():
                 group.create_task(self.models.sync(client))
         for lane in self.lanes.values():
             self._tasks.append(asyncio.create_task(lane.run_forever(), name=lane.client.name))
-        self._tasks.append(asyncio.create_task(self._poll_health(), name="health"))
+        for client in self.clients:
+            self._tasks.append(asyncio.create_task(self._watch(client), name=f"{client.name}-h"))
 
     async def aclose(self) -> None:
-        """Stop the lanes and the poller; requests still waiting fail with 503."""
+        """Stop the lanes and the watchers; requests still waiting fail with 503."""
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)  # all cancelled on purpose
         self._tasks.clear()
         await self.models.aclose()
-        for lane in self.lanes.values():
-            for job in lane.take_pending():
-                job.run.fail(NoNodeAvailable("sdproxy is shutting down"))
+        for timer in self._timers:
+            timer.cancel()
+        self._timers.clear()
+        waiting = [job for lane in self.lanes.values() for job in lane.take_pending()]
+        for job in [*waiting, *self._parked]:
+            job.run.fail(NoNodeAvailable("sdproxy is shutting down"))
+        self._parked.clear()
+
+    def client(self, name: str) -> NodeClient:
+        """The node called ``name``; NotFound (404) if there is none."""
+        for client in self.clients:
+            if client.name == name:
+                return client
+        raise NotFound(f"no node named {name!r}")
 
     def healthy_clients(self) -> list[NodeClient]:
-        return [client for client in self.clients if client.stats.healthy]
+        """Nodes that may be given work: up and not disabled."""
+        return [client for client in self.clients if client.usable]
+
+    @property
+    def waiting_images(self) -> int:
+        """Images of requests parked until a node comes back."""
+        return sum(job.chunk.images for job in self._parked if not job.run.finished)
 
     # --- speed -----------------------------------------------------------------------------
 
@@ -323,6 +156,14 @@ class Cluster:
         )
         return lane.model.estimate().predict_s(images * work_per_image(request), requests)
 
+    def share_deadline_s(self, node: str, request: GenerationRequest, images: int) -> float:
+        """How long one node request may take before the node counts as failed."""
+        scheduler = self.settings.scheduler
+        predicted = self.predict_job_s(node, request, images)
+        if predicted is None:
+            return scheduler.share_timeout_floor_s
+        return max(scheduler.share_timeout_floor_s, scheduler.share_timeout_factor * predicted)
+
     def _nominal_per_unit_s(self) -> float:
         """Seconds per unit at weight 1, as the measured nodes show it (or a nominal guess)."""
         measured = [
@@ -335,7 +176,7 @@ class Cluster:
     # --- requests --------------------------------------------------------------------------
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
-        """Render ``request`` on the healthy nodes and merge the answers into one."""
+        """Render ``request`` on the usable nodes and merge the answers into one."""
         eligible = self.healthy_clients()
         if eligible:
             self._check_queue(request, eligible)
@@ -346,18 +187,24 @@ class Cluster:
             remaining=request.total_images,
             work_per_image=work_per_image(request),
         )
-        healthy = await self._eligible(request)
+        if eligible:
+            await self.models.prepare(request, eligible)
         if request.splittable:
-            self._queue(run, self._plan(run, request.units, 0, healthy))
+            job = Job(run, Chunk(0, request.total_images, 1))
         else:
             job = Job(run, Chunk(0, request.batch_size, request.n_iter), whole=True)
-            self._whole_lane(job, healthy).submit(job)
+        # A routing error (no node has the checkpoint) goes to the client; no usable node parks.
+        self.dispatch(job, routing_errors=True)
         self.runs.add(run)
         try:
             async with asyncio.timeout(self.settings.scheduler.request_timeout_s):
                 await run.done.wait()
         except TimeoutError:
             run.fail(RequestTimeout("the request took longer than request_timeout_s"))
+        except asyncio.CancelledError:
+            # The client disconnected (aiohttp cancels the handler): drop unstarted jobs.
+            run.abandon()
+            raise
         finally:
             self.runs.discard(run)
         if run.error is not None:
@@ -440,49 +287,209 @@ class Cluster:
             limit = min(limit, node.max_pixels // pixels)
         return limit
 
+    def dispatch(self, job: Job, *, routing_errors: bool = False) -> None:
+        """Queue a job's images on the usable nodes that may render it, or park it.
+
+        With ``routing_errors``, a request no node may render (its checkpoint is nowhere)
+        raises; otherwise that job waits like one with no usable node.
+        """
+        run = job.run
+        if run.finished:
+            return
+        if run.interrupted and not job.whole:  # the client wants what is done, not the rest
+            run.drop(job.chunk.images)
+            return
+        usable = self.healthy_clients()
+        if usable:
+            try:
+                usable = self.models.select(run.request, usable)
+            except SdproxyError:
+                if routing_errors:
+                    raise
+                usable = []
+        # Work that raised on a node (a webui 500) is retried on the others, if there are any.
+        usable = [c for c in usable if c.name not in run.raised] or usable
+        if not usable:
+            self._park(job)
+            return
+        job.parked_at = None
+        if job.whole:
+            self._whole_lane(job, usable).submit(job)
+            return
+        unit = run.request.unit_size
+        try:
+            shares = self._plan(run, job.chunk.images // unit, job.chunk.start // unit, usable)
+        except NoNodeAvailable as exc:  # no usable node takes images this large (max_pixels)
+            if routing_errors:
+                raise
+            run.fail(exc)
+            return
+        self._queue(run, shares, blame=job.blame)
+
     def failover(self, lane: Lane, failed: Job, error: NodeError) -> None:
-        """Plan a failed job, and every job waiting behind it, onto the healthy nodes."""
-        failed.run.failures[error.node] = error.reason
+        """Plan a failed job, and every job waiting behind it, onto the usable nodes."""
+        run, client = failed.run, lane.client
         self.metrics.observe_failover(error.node)
-        for job in [failed, *lane.take_pending()]:
+        self._take_out(client, error)
+        if not run.finished:
+            run.failures[error.node] = error.reason
+            run.redispatches += 1
+            if run.redispatches > self.settings.scheduler.max_redispatches:
+                failures = dict(run.failures)
+                run.fail(GenerationFailed("generation failed: too many failed attempts", failures))
+            else:
+                self.dispatch(failed)
+
+    def retry_elsewhere(self, lane: Lane, failed: Job, error: NodeRaised) -> None:
+        """A job raised on a node that is up (a webui 500): try its images elsewhere, once.
+
+        The node stays up. If a second node raises too, or no other node may take the work,
+        the request is at fault: the client gets the node's body (422) and no node is taken
+        out. If another node renders the images, the first node was at fault (see blame()).
+        """
+        run, client = failed.run, lane.client
+        client.record_raised(error)
+        run.raised.add(client.name)
+        if run.finished:
+            return
+        others = [c for c in self._routable(run) if c.name not in run.raised]
+        if len(run.raised) >= 2 or not others:
+            run.fail(error)
+            return
+        self.metrics.observe_failover(client.name)
+        failed.blame = (client, error)
+        self.dispatch(failed)
+
+    def blame(self, job: Job) -> None:
+        """Images that raised on one node rendered on another: take the first node out."""
+        if job.blame is None:
+            return
+        client, error = job.blame
+        if client.usable:
+            log.warning("node %s raised on work another node rendered", client.name)
+            self._take_out(client, error)
+
+    def _take_out(self, client: NodeClient, error: NodeError) -> None:
+        """Mark a node down after a failure and move the work waiting on it elsewhere."""
+        if client.record_failure(error):
+            log.warning("node %s is down: %s", client.name, error.reason)
+        self._wakes[client.name].set()  # its watcher now waits for the cooldown, not the interval
+        self._drain(self.lanes[client.name])
+
+    def _routable(self, run: Run) -> list[NodeClient]:
+        """The usable nodes that may render ``run`` (its checkpoint is there)."""
+        try:
+            return self.models.select(run.request, self.healthy_clients())
+        except SdproxyError:
+            return []
+
+    def disable(self, name: str) -> NodeClient:
+        """Take a node out of service by hand; its waiting jobs move to other nodes."""
+        client = self.client(name)
+        client.health.disable()
+        self._drain(self.lanes[name])
+        return client
+
+    def enable(self, name: str) -> NodeClient:
+        """Put a node back into service; it is probed at once."""
+        client = self.client(name)
+        client.health.enable(time.time())
+        self._wakes[name].set()
+        if client.usable:
+            self.resume_parked()
+        return client
+
+    def retry_after_s(self) -> int:
+        """When a client should try again: the next probe of a down node, at least 1 s."""
+        now = time.time()
+        due = [
+            c.health.next_probe_at
+            for c in self.clients
+            if not c.health.disabled and c.health.next_probe_at is not None
+        ]
+        wait = min(due) - now if due else self.settings.scheduler.health_interval_s
+        return max(1, math.ceil(wait))
+
+    def _why_none(self) -> str:
+        """Why no node is usable, node by node (errors hold no secrets: see nodes.py)."""
+        why = "; ".join(
+            f"{c.name}: {c.health.state_reason}"
+            + (f" ({c.health.last_error})" if c.health.last_error and not c.health.disabled else "")
+            for c in self.clients
+        )
+        return f"no healthy node ({why})"
+
+    def _drain(self, lane: Lane) -> None:
+        for job in lane.take_pending():
+            self.dispatch(job)
+
+    def _park(self, job: Job) -> None:
+        loop = asyncio.get_running_loop()
+        if job.parked_at is None:
+            job.parked_at = loop.time()
+        self._parked.append(job)
+        wait_s = self.settings.scheduler.wait_for_node_s
+        timer = loop.call_at(job.parked_at + wait_s, self._expire_parked)
+        self._timers.add(timer)
+
+    def _expire_parked(self) -> None:
+        loop = asyncio.get_running_loop()
+        now, wait_s = loop.time(), self.settings.scheduler.wait_for_node_s
+        self._timers = {t for t in self._timers if t.when() > now}
+        keep: list[Job] = []
+        for job in self._parked:
             run = job.run
             if run.finished:
                 continue
-            if run.interrupted and not job.whole:  # the client wants what is done, not the rest
-                run.drop(job.chunk.images)
-                continue
-            if job is failed:
-                run.redispatches += 1
-            try:
-                healthy = self.models.select(run.request, self.healthy_clients())
-            except SdproxyError:
-                healthy = []
-            if job.whole and healthy:
-                self._whole_lane(job, healthy).submit(job)
-            elif run.redispatches > self.settings.scheduler.max_redispatches or not healthy:
-                why = "no healthy node left" if not healthy else "too many failed attempts"
-                run.fail(GenerationFailed(f"generation failed: {why}", failures=dict(run.failures)))
+            if job.parked_at is not None and job.parked_at + wait_s > now + 1e-3:
+                keep.append(job)
+            elif run.failures:
+                why = f"no usable node came back within {wait_s:g} s"
+                run.fail(GenerationFailed(f"generation failed: {why}", dict(run.failures)))
             else:
-                unit = run.request.unit_size
-                try:
-                    shares = self._plan(
-                        run, job.chunk.images // unit, job.chunk.start // unit, healthy
-                    )
-                except NoNodeAvailable as exc:
-                    run.fail(exc)
-                else:
-                    self._queue(run, shares)
+                run.fail(NoNodeAvailable(self._why_none(), retry_after_s=self.retry_after_s()))
+        self._parked = keep
 
-    async def _eligible(self, request: GenerationRequest) -> list[NodeClient]:
-        """The healthy nodes that may render ``request`` (model-aware routing)."""
-        healthy = self.healthy_clients()
-        if healthy:
-            await self.models.prepare(request, healthy)
-            healthy = self.healthy_clients()
-        if not healthy:
-            why = "; ".join(f"{c.name}: {c.stats.last_error or 'down'}" for c in self.clients)
-            raise NoNodeAvailable(f"no healthy node ({why})")
-        return self.models.select(request, healthy)
+    def resume_parked(self) -> None:
+        """Dispatch the work that waits for a usable node."""
+        parked, self._parked = self._parked, []
+        for job in parked:
+            self.dispatch(job)
+
+    async def _watch(self, client: NodeClient) -> None:
+        """Probe one node: every interval while up, after its cooldown while down."""
+        scheduler = self.settings.scheduler
+        wake = self._wakes[client.name]
+        polls = 0
+        while True:
+            wake.clear()
+            delay = scheduler.health_interval_s
+            health = client.health
+            if not health.up and health.next_probe_at is not None:
+                delay = max(0.0, health.next_probe_at - time.time())
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await wake.wait()
+            if not health.up and not health.probe_due(time.time()):
+                continue  # woken early: wait for the (new) cooldown
+            polls += 1
+            was_up = health.up
+            came_back = await check_node(client, scheduler.health_timeout_s)
+            if not health.up:
+                if was_up:
+                    log.warning("node %s is down: %s", client.name, health.last_error)
+                    self._drain(self.lanes[client.name])
+                continue
+            if came_back:
+                log.info("node %s is back", client.name)
+            # A returning node gets its lists read and the cluster's checkpoint before work;
+            # every few polls the lists are read again (a webui's lists change on refresh).
+            if came_back or not self.models.in_sync(client):
+                await self.models.sync(client)
+            elif polls % scheduler.inventory_every_polls == 0:
+                await self.models.refresh_all([client])
+            if client.usable and self._parked:
+                self.resume_parked()
 
     def running_jobs(self) -> list[tuple[Lane, Job]]:
         """Every job a node is rendering right now for a request still in flight."""
@@ -508,60 +515,18 @@ class Cluster:
                 if job.run in runs:
                     job.run.drop(job.chunk.images)
             lane.pending = deque(kept)
+        for job in self._parked:
+            if job.run in runs and not job.whole:
+                job.run.drop(job.chunk.images)
+        self._parked = [job for job in self._parked if job.run not in runs or job.whole]
         return [lane.client for lane, _ in running]
 
-    def retry_elsewhere(self, failed: Job, client: NodeClient, error: NodeRaised) -> None:
-        """A job raised on a node that is up: try a node it has not raised on, once.
-
-        If a second node raises too, or no other node is healthy, the request is at fault
-        (422 with the node's body) and no node is taken out for it. If another node renders
-        the images, the first node is (see blame()).
-        """
-        run = failed.run
-        run.raised.add(error.node)
-        if run.finished:
-            return
-        if run.interrupted and not failed.whole:  # as in failover(): only what is done counts
-            run.drop(failed.chunk.images)
-            return
-        try:
-            eligible = self.models.select(run.request, self.healthy_clients())
-        except SdproxyError:
-            eligible = []
-        others = [c for c in eligible if c.name not in run.raised]
-        if len(run.raised) >= 2 or not others:
-            run.fail(error)
-            return
-        self.metrics.observe_failover(error.node)
-        if failed.whole:
-            failed.blame = (client, error)
-            self.lanes[others[0].name].submit(failed)
-        else:
-            unit = run.request.unit_size
-            shares = self._plan(
-                run, failed.chunk.images // unit, failed.chunk.start // unit, others
-            )
-            self._queue(run, shares, blame=(client, error))
-
-    def blame(self, job: Job) -> None:
-        """Images that raised on one node rendered on another: take the first node out."""
-        if job.blame is None:
-            return
-        client, error = job.blame
-        if client.stats.healthy:
-            log.warning("node %s raised on work another node rendered: taken out", client.name)
-            client.record_failure(error)
-
-    def _queue(
-        self, run: Run, shares: Iterable[Share], blame: tuple[NodeClient, NodeRaised] | None = None
-    ) -> None:
+    def _queue(self, run: Run, shares: Iterable[Share], blame: Blame | None = None) -> None:
         for share in shares:
             for job in self.jobs_for(run, share, blame):
                 self.lanes[share.node].submit(job)
 
-    def jobs_for(
-        self, run: Run, share: Share, blame: tuple[NodeClient, NodeRaised] | None = None
-    ) -> list[Job]:
+    def jobs_for(self, run: Run, share: Share, blame: Blame | None = None) -> list[Job]:
         """The jobs (node requests) that render ``share`` of ``run`` on its node."""
         return [Job(run, chunk, blame=blame) for chunk in self._chunks(run.request, share)]
 
@@ -584,11 +549,3 @@ class Cluster:
         rendered = merged.images[: merged.rendered]  # not the extra images after them
         grid = await asyncio.to_thread(images.build_grid, rendered, infotexts[0])
         return with_grid(merged, grid)
-
-    async def _poll_health(self) -> None:
-        interval = self.settings.scheduler.health_interval_s
-        while True:
-            await asyncio.sleep(interval)
-            await probe_all(self.clients, self.settings.scheduler.health_timeout_s)
-            # A node back after a failure gets the cluster's checkpoint before any work on it.
-            self.models.sync_stale(self.healthy_clients())

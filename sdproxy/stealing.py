@@ -19,7 +19,8 @@ from sdproxy.errors import SdproxyError
 from sdproxy.planner import Share, chunk_share
 
 if TYPE_CHECKING:
-    from sdproxy.scheduler import Cluster, Job, Lane
+    from sdproxy.lanes import Job, Lane
+    from sdproxy.scheduler import Cluster
 
 log = logging.getLogger(__name__)
 

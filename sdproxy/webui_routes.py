@@ -310,7 +310,7 @@ def one_node_post(path: str) -> Handler:
     async def handler(request: web.Request) -> web.Response:
         body = await read_json(request)
         refuse_urls(request, body)
-        timeout_s = request.app[settings_key].scheduler.share_timeout_s
+        timeout_s = request.app[settings_key].scheduler.share_timeout_floor_s
         answer = await first_answer(
             _least_busy(request),
             lambda c: c.request("POST", f"sdapi/v1/{path}", body, timeout_s=timeout_s),
@@ -328,7 +328,7 @@ async def extension(request: web.Request) -> web.Response:
     refuse_urls(request, body)
     path = request.path.lstrip("/")
     params = dict(request.query)
-    timeout_s = request.app[settings_key].scheduler.share_timeout_s
+    timeout_s = request.app[settings_key].scheduler.share_timeout_floor_s
     answer = await first_answer(
         _least_busy(request),
         lambda c: c.request(request.method, path, body, params=params, timeout_s=timeout_s),

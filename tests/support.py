@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import os
+import signal
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -15,11 +18,9 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 from PIL import Image
 
-from sdproxy.app import create_app
-from sdproxy.cli import start_site
+from sdproxy.cli import start_proxy, start_site
 from sdproxy.config import Settings
 from sdproxy.fakewebui import FakeNode, FakeNodeSettings, create_fake_app
-from sdproxy.limits import connection_limits
 
 
 @dataclass
@@ -63,8 +64,7 @@ async def proxy(
     node_list = [{"name": n.name, "url": n.url} if isinstance(n, RunningNode) else n for n in nodes]
     sections.setdefault("benchmark", {"on_start": False})
     settings = Settings.model_validate({"server": {"port": 0}, **sections, "nodes": node_list})
-    limits = connection_limits(settings.server)
-    runner = await start_site(create_app(settings), "127.0.0.1", 0, **limits)
+    runner = await start_proxy(settings, "127.0.0.1", 0)
     try:
         yield f"http://127.0.0.1:{bound_port(runner)}"
     finally:
@@ -96,3 +96,101 @@ async def wait_until(
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.01)
+
+
+async def cluster_status(session: aiohttp.ClientSession, url: str) -> dict[str, Any]:
+    async with session.get(f"{url}/cluster/status") as resp:
+        assert resp.status == 200
+        status: dict[str, Any] = await resp.json()
+        return status
+
+
+async def node_state(session: aiohttp.ClientSession, url: str, name: str) -> dict[str, Any]:
+    """One node's entry in sdproxy's /cluster/status."""
+    status = await cluster_status(session, url)
+    entry: dict[str, Any] = next(n for n in status["nodes"] if n["name"] == name)
+    return entry
+
+
+class NodeProcess:
+    """A fake webui node run as a subprocess (``python -m sdproxy fake-node``), to kill by PID."""
+
+    def __init__(self, name: str, port: int, *flags: str) -> None:
+        self.name, self.port, self.flags = name, port, flags
+        self.url = f"http://127.0.0.1:{port}"
+        self.process: asyncio.subprocess.Process | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    async def start(self, *flags: str) -> None:
+        """Start the node (with ``flags``, or those given at creation) and wait until it answers."""
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "sdproxy",
+            "--log-level",
+            "WARNING",
+            "fake-node",
+            "--port",
+            str(self.port),
+            "--name",
+            self.name,
+            *(flags or self.flags),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        async with aiohttp.ClientSession() as session:
+
+            async def answers() -> bool:
+                assert self.process is not None
+                if self.process.returncode is not None:
+                    raise RuntimeError(f"fake node {self.name} exited early")
+                try:
+                    async with session.get(f"{self.url}/internal/ping") as resp:
+                        return resp.status == 200
+                except aiohttp.ClientError:
+                    return False
+
+            await wait_until(answers, what=f"{self.name} to start")
+
+    def kill(self) -> None:
+        """SIGKILL: the node dies at once, mid-request or not."""
+        if self.process is not None and self.process.returncode is None:
+            os.kill(self.pid, signal.SIGKILL)
+
+    async def wait(self) -> int:
+        assert self.process is not None
+        return await self.process.wait()
+
+    async def stop(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.kill()
+        if self.process is not None:
+            await self.process.wait()
+
+    async def busy(self, session: aiohttp.ClientSession) -> bool:
+        """The node is rendering (its /progress reports a job)."""
+        try:
+            async with session.get(f"{self.url}/sdapi/v1/progress") as resp:
+                progress = await resp.json()
+        except aiohttp.ClientError:
+            return False
+        return bool(progress["state"]["job_count"] != 0)
+
+
+@asynccontextmanager
+async def node_processes(*flag_sets: Sequence[str]) -> AsyncIterator[list[NodeProcess]]:
+    """One subprocess fake node per flag list, on free ports, stopped at the end."""
+    from sdproxy.cli import free_port
+
+    processes = [NodeProcess(f"p{i}", free_port(), *flags) for i, flags in enumerate(flag_sets)]
+    try:
+        for process in processes:
+            await process.start()
+        yield processes
+    finally:
+        for process in processes:
+            await process.stop()

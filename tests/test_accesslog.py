@@ -175,6 +175,7 @@ class TestLogFormats:
         config = tmp_path / "c.toml"
         config.write_text(
             f'[server]\nport = {port}\nlog_format = "json"\n'
+            "[scheduler]\nwait_for_node_s = 0\n"
             f'[[nodes]]\nname = "a"\nurl = "http://127.0.0.1:{free_port()}"\n'
         )
         process = await asyncio.create_subprocess_exec(

@@ -171,7 +171,7 @@ class TestInBrowser:
         parser.feed(dom)
         rows = parser.rows
         assert list(rows) == ["live-node", "dead-node"]
-        assert rows["live-node"]["state"].strip() == "healthy"
+        assert rows["live-node"]["state"].strip() == "up"
         assert rows["live-node"]["images_rendered"].strip() == "3"
         assert rows["live-node"]["last_error"].strip() == "none"
         assert rows["dead-node"]["state"].strip() == "down"

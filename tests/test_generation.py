@@ -252,7 +252,10 @@ class TestErrors:
         from sdproxy.cli import free_port
 
         dead = {"name": "dead", "url": f"http://127.0.0.1:{free_port()}"}
-        async with proxy([dead]) as url, aiohttp.ClientSession() as session:
+        async with (
+            proxy([dead], scheduler={"wait_for_node_s": 0}) as url,
+            aiohttp.ClientSession() as session,
+        ):
             status, body, headers = await post_json(session, f"{url}/sdapi/v1/txt2img", SMALL)
             assert status == 503
             assert body["error"] == "NoNodeAvailable"

@@ -119,8 +119,8 @@ class TestMetrics:
         """Two apps in one process count separately (no global registry)."""
         dead = {"name": "dead", "url": f"http://127.0.0.1:{free_port()}"}
         async with (
-            proxy([dead]) as first,
-            proxy([dead]) as second,
+            proxy([dead], scheduler={"wait_for_node_s": 0}) as first,
+            proxy([dead], scheduler={"wait_for_node_s": 0}) as second,
             aiohttp.ClientSession() as session,
         ):
             for _ in range(3):

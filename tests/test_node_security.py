@@ -19,6 +19,9 @@ from tests.support import bound_port, fake_nodes, post_json, proxy
 TXT2IMG = {"prompt": "x", "width": 64, "height": 64, "steps": 20, "batch_size": 2}
 NODE_PASSWORD = "n0de-pa55word-d0-not-leak"
 
+# A node refused by sdproxy stays down: answer 503 at once instead of waiting for it.
+NO_WAIT = {"wait_for_node_s": 0}
+
 
 class TestNodeBasicAuth:
     """sdproxy authenticates to nodes started with --api-auth."""
@@ -43,7 +46,7 @@ class TestNodeBasicAuth:
         async with fake_nodes(fake) as nodes:
             node = {"name": "locked", "url": nodes[0].url, "username": "sd"}
             async with (
-                proxy([{**node, "password": NODE_PASSWORD}]) as url,
+                proxy([{**node, "password": NODE_PASSWORD}], scheduler=NO_WAIT) as url,
                 aiohttp.ClientSession() as session,
             ):
                 status, body, _ = await post_json(session, f"{url}/sdapi/v1/txt2img", TXT2IMG)
@@ -109,12 +112,15 @@ class TestNodeTls:
         async with https_node(ca, "tls") as (node, node_url):
             config = {"name": "tls", "url": node_url}
             config.update({k: str(ca_file) if v == "CA" else v for k, v in extra.items()})
-            async with proxy([config]) as url, aiohttp.ClientSession() as session:
+            async with (
+                proxy([config], scheduler=NO_WAIT) as url,
+                aiohttp.ClientSession() as session,
+            ):
                 status, body, _ = await post_json(session, f"{url}/sdapi/v1/txt2img", TXT2IMG)
         if works:
             assert status == 200, body
             assert node.images_rendered == 2
         else:
             assert status == 503
-            assert "tls: TLS certificate rejected" in body["detail"]
+            assert "tls: probe failed (TLS certificate rejected" in body["detail"]
             assert node.images_rendered == 0
