@@ -47,7 +47,7 @@ from sdproxy.lanes import Job, Lane, Run
 from sdproxy.merge import Merged, merge_parts, with_grid
 from sdproxy.metrics import Metrics
 from sdproxy.nodes import NodeClient, check_node, probe_all
-from sdproxy.planner import Chunk, NodeLoad, Share, chunk_share, plan_makespan
+from sdproxy.planner import Chunk, NodeLoad, Share, chunk_share, plan_under_load
 from sdproxy.request import GenerationRequest, resolve_seeds
 from sdproxy.speed import NOMINAL_PER_UNIT_S, SpeedEstimate, work_per_image
 
@@ -268,7 +268,11 @@ class Cluster:
                 f"no healthy node takes {request.width}x{request.height} images "
                 "within its max_pixels"
             )
-        return plan_makespan(units, loads, start)
+        # On a busy cluster each extra node request delays the work queued behind it too.
+        busy = any(load.backlog_s > 0 for load in loads) or any(
+            other is not run and not other.finished for other in self.runs
+        )
+        return plan_under_load(units, loads, start, penalty=1.0 if busy else 0.0)
 
     def batch_limit(self, lane: Lane, request: GenerationRequest) -> int | None:
         """Units one node request of ``lane`` may carry: None for whole-batch units, 0 for none.

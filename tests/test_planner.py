@@ -17,6 +17,7 @@ from sdproxy.planner import (
     chunk_share,
     plan_makespan,
     plan_split,
+    plan_under_load,
     predicted_makespan_s,
     share_time_s,
 )
@@ -208,3 +209,87 @@ class TestPlanMakespan:
         nodes = [NodeLoad("a", 0.0, 4.0), NodeLoad("b", 0.0, 2.0), NodeLoad("c", 0.0, 1.0)]
         # Quotas 1.14/2.29/4.57: c finishes a 5th unit at 5, b a 3rd at 6, a a 2nd at 8.
         assert counts_of(plan_makespan(8, nodes)) == {"a": 1, "b": 2, "c": 5}
+
+
+def overheads_of(nodes: list[NodeLoad], shares: list[Share]) -> float:
+    by_name = {node.name: node for node in nodes}
+    return math.fsum(by_name[share.node].overhead_s for share in shares)
+
+
+class TestPlanUnderLoad:
+    """plan_under_load trades a little finish time for fewer node requests on a busy cluster."""
+
+    @given(
+        units=st.integers(0, 300), nodes=loads, start=st.integers(0, 50), penalty=st.floats(0, 3)
+    )
+    def test_plan_under_load_tiles_the_range(
+        self, units: int, nodes: list[NodeLoad], start: int, penalty: float
+    ) -> None:
+        """Shares are contiguous from start, non-empty, and sum exactly to units."""
+        at = start
+        for share in plan_under_load(units, nodes, start, penalty=penalty):
+            assert share.start == at
+            assert share.count > 0
+            at = share.stop
+        assert at == start + units
+
+    @given(units=st.integers(0, 300), nodes=loads, start=st.integers(0, 50))
+    def test_plan_under_load_without_penalty_is_plan_makespan(
+        self, units: int, nodes: list[NodeLoad], start: int
+    ) -> None:
+        """An idle cluster (penalty 0) gets exactly plan_makespan's plan."""
+        assert plan_under_load(units, nodes, start, penalty=0.0) == plan_makespan(
+            units, nodes, start
+        )
+
+    @given(units=st.integers(1, 300), nodes=loads, penalty=st.floats(0.01, 3))
+    def test_plan_under_load_uses_no_more_nodes(
+        self, units: int, nodes: list[NodeLoad], penalty: float
+    ) -> None:
+        """Never more nodes than plan_makespan uses."""
+        loaded = plan_under_load(units, nodes, penalty=penalty)
+        assert len(loaded) <= len(plan_makespan(units, nodes))
+
+    @given(units=st.integers(1, 300), nodes=loads, penalty=st.floats(0.01, 3))
+    def test_plan_under_load_beats_every_single_node(
+        self, units: int, nodes: list[NodeLoad], penalty: float
+    ) -> None:
+        """Its predicted finish is never later than any one node rendering everything."""
+        planned = predicted_makespan_s(
+            nodes, counts_of(plan_under_load(units, nodes, penalty=penalty))
+        )
+        for node in nodes:
+            assert planned <= share_time_s(node, units) + 1e-9
+
+    @given(units=st.integers(1, 300), nodes=loads, penalty=st.floats(0.01, 3))
+    def test_plan_under_load_no_worse_objective_than_plan_makespan(
+        self, units: int, nodes: list[NodeLoad], penalty: float
+    ) -> None:
+        """Finish plus penalised overheads is never above plan_makespan's."""
+
+        def cost(shares: list[Share]) -> float:
+            finish = predicted_makespan_s(nodes, counts_of(shares))
+            return finish + penalty * overheads_of(nodes, shares) / len(nodes)
+
+        full = plan_makespan(units, nodes)
+        assert cost(plan_under_load(units, nodes, penalty=penalty)) <= cost(full) + 1e-9
+
+    @given(units=st.integers(0, 200), nodes=loads, penalty=st.floats(0, 3))
+    def test_plan_under_load_is_deterministic(
+        self, units: int, nodes: list[NodeLoad], penalty: float
+    ) -> None:
+        """Equal inputs give equal plans."""
+        assert plan_under_load(units, nodes, penalty=penalty) == plan_under_load(
+            units, list(nodes), penalty=penalty
+        )
+
+    def test_plan_under_load_drops_slow_node_when_busy(self) -> None:
+        """Speeds 1:2:4, 0.3 s overheads, 4 images: a second node is not worth its overhead."""
+        nodes = [NodeLoad("a", 0.3, 0.2), NodeLoad("b", 0.3, 0.1), NodeLoad("c", 0.3, 0.05)]
+        assert counts_of(plan_makespan(4, nodes)) == {"b": 1, "c": 3}
+        assert counts_of(plan_under_load(4, nodes, penalty=1.0)) == {"c": 4}
+
+    def test_plan_under_load_keeps_split_that_pays(self) -> None:
+        """Two equal nodes with small overhead and a big request still split it."""
+        nodes = [NodeLoad("a", 0.1, 1.0), NodeLoad("b", 0.1, 1.0)]
+        assert counts_of(plan_under_load(16, nodes, penalty=1.0)) == {"a": 8, "b": 8}

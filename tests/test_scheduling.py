@@ -96,6 +96,42 @@ class TestPlanningFromSpeed:
             assert after["queued_images"] == 0
 
 
+class TestPlanningUnderLoad:
+    """On a busy cluster a request spends fewer node requests (overheads) on itself."""
+
+    async def test_busy_cluster_keeps_small_request_on_one_node(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Idle, 2 images split over two equal nodes; while that runs, 2 more go to one node."""
+        # Benchmarked at 0.3 s overhead and 0.1 s an image (64x64): idle, a split ends at 0.4 s
+        # against 0.5 s on one node; busy, the second overhead costs more than the 0.1 s saved.
+        # Work stealing is off: the node that finishes first would take half of the second
+        # request over (right, as it is idle then), hiding what the planner chose.
+        monkeypatch.setattr(Cluster, "rebalance", lambda self: False)
+        # In truth 0.5 s an image, so the first request is still running when the second comes.
+        a, b = (FakeNodeSettings(name=name, per_image_s=32.0) for name in "ab")
+        async with fake_nodes(a, b) as nodes:
+            state = tmp_path / "state.json"
+            save_state(state, {n.name: stored(n, 6.4, overhead_s=0.3) for n in nodes})
+            async with (
+                proxy(nodes, benchmark={"on_start": False, "state_file": str(state)}) as url,
+                aiohttp.ClientSession() as session,
+            ):
+                endpoint = f"{url}/sdapi/v1/txt2img"
+                first = asyncio.create_task(
+                    post_json(session, endpoint, {"batch_size": 2, "seed": 1, **SMALL})
+                )
+                await wait_for_status(session, url, lambda s: s["queued_images"] > 0)
+                status, answer, headers = await post_json(
+                    session, endpoint, {"batch_size": 2, "seed": 9, **SMALL}
+                )
+                assert status == 200, answer
+                assert headers["X-Sdproxy-Shares"] in {"a:0-1", "b:0-1"}, "split under load"
+                first_status, first_answer, first_headers = await first
+                assert first_status == 200, first_answer
+                assert first_headers["X-Sdproxy-Shares"] == "a:0-0,b:1-1"
+
+
 class TestWorkStealing:
     """An idle node takes over work still waiting on a slower node."""
 
