@@ -56,10 +56,13 @@ class SdproxyError(Exception):
     """Base of every error sdproxy raises on purpose."""
 
     status = 500
+    # The "error" field of the body: the class name, or the webui's own exception class
+    # ("HTTPException") where the webui would have answered the same thing.
+    error_name: str | None = None
 
     def body(self) -> dict[str, Any]:
         """The webui's error body (``api_middleware.handle_exception``) for this error."""
-        return webui_error_body(type(self).__name__, detail=str(self))
+        return webui_error_body(self.error_name or type(self).__name__, detail=str(self))
 
     def headers(self) -> dict[str, str]:
         return {}
@@ -92,18 +95,14 @@ class BodyTooLarge(ClientError):
     """The request body is larger than the configured limit."""
 
     status = 413
-
-    def body(self) -> dict[str, Any]:
-        return webui_error_body("HTTPException", detail=str(self))
+    error_name = "HTTPException"
 
 
 class BodyTimeout(ClientError):
     """The client sent its body too slowly."""
 
     status = 408
-
-    def body(self) -> dict[str, Any]:
-        return webui_error_body("HTTPException", detail=str(self))
+    error_name = "HTTPException"
 
 
 class ClientGone(ClientError):
@@ -119,18 +118,14 @@ class NotAuthenticated(ClientError):
     """Missing or wrong client credentials; like the webui, no WWW-Authenticate header."""
 
     status = 401
-
-    def body(self) -> dict[str, Any]:
-        return webui_error_body("HTTPException", detail=str(self))
+    error_name = "HTTPException"
 
 
 class NotFound(ClientError):
     """Something the request names does not exist (as the webui's 404 ``HTTPException``)."""
 
     status = 404
-
-    def body(self) -> dict[str, Any]:
-        return webui_error_body("HTTPException", detail=str(self))
+    error_name = "HTTPException"
 
 
 class QueueFull(ClientError):
@@ -150,9 +145,7 @@ class NotSupported(ClientError):
     """sdproxy refuses this on purpose: it would change one node's local state."""
 
     status = 501
-
-    def body(self) -> dict[str, Any]:
-        return webui_error_body("HTTPException", detail=str(self))
+    error_name = "HTTPException"
 
 
 class UnknownCheckpoint(ClientError):
@@ -186,34 +179,27 @@ class RequestTimeout(SdproxyError):
     status = 504
 
 
-class GenerationFailed(SdproxyError):
+class _NodeFailures(SdproxyError):
+    """An error whose body names each node that failed (``nodes``: name -> reason)."""
+
+    status = 502
+
+    def __init__(self, message: str, failures: dict[str, str]) -> None:
+        super().__init__(message)
+        self.failures = failures
+
+    def body(self) -> dict[str, Any]:
+        body = super().body()
+        body["nodes"] = self.failures
+        return body
+
+
+class GenerationFailed(_NodeFailures):
     """Shares of a request failed and no healthy node could take them over."""
 
-    status = 502
 
-    def __init__(self, message: str, failures: dict[str, str]) -> None:
-        super().__init__(message)
-        self.failures = failures
-
-    def body(self) -> dict[str, Any]:
-        body = super().body()
-        body["nodes"] = self.failures
-        return body
-
-
-class NodesFailed(SdproxyError):
+class NodesFailed(_NodeFailures):
     """A call sent to several nodes failed on some of them; the body names them."""
-
-    status = 502
-
-    def __init__(self, message: str, failures: dict[str, str]) -> None:
-        super().__init__(message)
-        self.failures = failures
-
-    def body(self) -> dict[str, Any]:
-        body = super().body()
-        body["nodes"] = self.failures
-        return body
 
 
 class NodeError(SdproxyError):

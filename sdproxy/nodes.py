@@ -26,6 +26,7 @@ from sdproxy.health import NodeHealth
 
 # The webui's api_middleware answers any exception a job raises with these keys.
 _WEBUI_ERROR_KEYS = frozenset({"error", "detail", "body", "errors"})
+_DECODE_IN_THREAD_BYTES = 1 << 20
 _JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
 
 
@@ -133,6 +134,8 @@ class NodeClient:
             raise NodeUnreachable(self.name, f"cannot connect: {exc.os_error}") from exc
         except aiohttp.ClientError as exc:
             raise NodeUnreachable(self.name, f"connection failed: {type(exc).__name__}") from exc
+        if len(raw) > _DECODE_IN_THREAD_BYTES:  # a batch of images: keep the event loop free
+            return await asyncio.to_thread(self._decode, status, raw)
         return self._decode(status, raw)
 
     def _decode(self, status: int, raw: bytes) -> Any:

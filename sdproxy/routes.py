@@ -124,7 +124,9 @@ async def _generate(request: web.Request, kind: Kind) -> web.Response:
     await check_images(generation, server)
     result = await request.app[cluster_key].generate(generation)
     headers = {SHARES_HEADER: format_shares(result.shares)} if result.shares else None
-    response = json_response(result.body, headers=headers)
+    # Tens of MB of base64 for a large batch: encode it off the event loop.
+    encoded = await asyncio.to_thread(orjson.dumps, result.body)
+    response = web.Response(body=encoded, headers=headers, content_type="application/json")
     request[outcome_key] = Outcome(generation.total_images, result.shares)
     if autosave_key in request.app:
         request.app[autosave_key].submit(result.body, result.shares)
