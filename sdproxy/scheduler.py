@@ -9,15 +9,14 @@ request still wait on another lane, the idle node takes over the part of the wai
 finishes earlier (work stealing). When a job fails on a node, the node is marked down and the
 job, with every job still waiting on that lane, is planned again onto the usable nodes: seeds
 were fixed up front, so any image renders the same anywhere. Work that finds no usable node is
-parked until a node comes back or ``wait_for_node_s`` passes. One watcher task per node probes
-it (every interval while up, after a growing cooldown while down). Run, Job and Lane are in
-lanes.py.
+parked until a node comes back or ``wait_for_node_s`` passes (parking.py). One watcher task per
+node probes it (every interval while up, after a growing cooldown while down; watcher.py). Run,
+Job and Lane are in lanes.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import random
@@ -30,7 +29,7 @@ from typing import Any
 
 import aiohttp
 
-from sdproxy import images, stealing
+from sdproxy import images, stealing, watcher
 from sdproxy.checkpoints import ModelCatalog
 from sdproxy.config import Settings
 from sdproxy.errors import (
@@ -46,7 +45,8 @@ from sdproxy.errors import (
 from sdproxy.lanes import Job, Lane, Run
 from sdproxy.merge import Merged, merge_parts, with_grid
 from sdproxy.metrics import Metrics
-from sdproxy.nodes import NodeClient, check_node, probe_all
+from sdproxy.nodes import NodeClient, probe_all
+from sdproxy.parking import Parking
 from sdproxy.planner import Chunk, NodeLoad, Share, chunk_share, plan_under_load
 from sdproxy.request import GenerationRequest, resolve_seeds
 from sdproxy.speed import NOMINAL_PER_UNIT_S, SpeedEstimate, work_per_image
@@ -85,8 +85,7 @@ class Cluster:
         self._rng = rng or random.SystemRandom()
         self._tasks: list[asyncio.Task[None]] = []
         self._wakes = {client.name: asyncio.Event() for client in self.clients}
-        self._parked: list[Job] = []
-        self._timers: set[asyncio.TimerHandle] = set()
+        self.parking = Parking(settings.scheduler.wait_for_node_s, self._no_node)
 
     async def start(self) -> None:
         """Probe every node once, then start the lanes and one health watcher per node."""
@@ -97,7 +96,8 @@ class Cluster:
         for lane in self.lanes.values():
             self._tasks.append(asyncio.create_task(lane.run_forever(), name=lane.client.name))
         for client in self.clients:
-            self._tasks.append(asyncio.create_task(self._watch(client), name=f"{client.name}-h"))
+            watch = watcher.watch_node(self, client, self._wakes[client.name])
+            self._tasks.append(asyncio.create_task(watch, name=f"{client.name}-h"))
 
     async def aclose(self) -> None:
         """Stop the lanes and the watchers; requests still waiting fail with 503."""
@@ -106,13 +106,10 @@ class Cluster:
         await asyncio.gather(*self._tasks, return_exceptions=True)  # all cancelled on purpose
         self._tasks.clear()
         await self.models.aclose()
-        for timer in self._timers:
-            timer.cancel()
-        self._timers.clear()
+        self.parking.cancel_timers()
         waiting = [job for lane in self.lanes.values() for job in lane.take_pending()]
-        for job in [*waiting, *self._parked]:
+        for job in [*waiting, *self.parking.take_all()]:
             job.run.fail(NoNodeAvailable("sdproxy is shutting down"))
-        self._parked.clear()
 
     def client(self, name: str) -> NodeClient:
         """The node called ``name``; NotFound (404) if there is none."""
@@ -128,7 +125,7 @@ class Cluster:
     @property
     def waiting_images(self) -> int:
         """Images of requests parked until a node comes back."""
-        return sum(job.chunk.images for job in self._parked if not job.run.finished)
+        return self.parking.waiting_images
 
     # --- speed -----------------------------------------------------------------------------
 
@@ -314,7 +311,7 @@ class Cluster:
         # Work that raised on a node (a webui 500) is retried on the others, if there are any.
         usable = [c for c in usable if c.name not in run.raised] or usable
         if not usable:
-            self._park(job)
+            self.parking.park(job)
             return
         job.parked_at = None
         if job.whole:
@@ -378,7 +375,7 @@ class Cluster:
         if client.record_failure(error):
             log.warning("node %s is down: %s", client.name, error.reason)
         self._wakes[client.name].set()  # its watcher now waits for the cooldown, not the interval
-        self._drain(self.lanes[client.name])
+        self.drain(self.lanes[client.name])
 
     def _routable(self, run: Run) -> list[NodeClient]:
         """The usable nodes that may render ``run`` (its checkpoint is there)."""
@@ -391,7 +388,7 @@ class Cluster:
         """Take a node out of service by hand; its waiting jobs move to other nodes."""
         client = self.client(name)
         client.health.disable()
-        self._drain(self.lanes[name])
+        self.drain(self.lanes[name])
         return client
 
     def enable(self, name: str) -> NodeClient:
@@ -403,97 +400,22 @@ class Cluster:
             self.resume_parked()
         return client
 
-    def retry_after_s(self) -> int:
-        """When a client should try again: the next probe of a down node, at least 1 s."""
-        now = time.time()
-        due = [
-            c.health.next_probe_at
-            for c in self.clients
-            if not c.health.disabled and c.health.next_probe_at is not None
-        ]
-        wait = min(due) - now if due else self.settings.scheduler.health_interval_s
-        return max(1, math.ceil(wait))
-
-    def _why_none(self) -> str:
-        """Why no node is usable, node by node (errors hold no secrets: see nodes.py)."""
-        why = "; ".join(
-            f"{c.name}: {c.health.state_reason}"
-            + (f" ({c.health.last_error})" if c.health.last_error and not c.health.disabled else "")
-            for c in self.clients
+    def _no_node(self) -> NoNodeAvailable:
+        """The 503 for parked work that met no node failure: why, and when to retry."""
+        retry_after_s = watcher.retry_after_s(
+            self.clients, self.settings.scheduler.health_interval_s
         )
-        return f"no healthy node ({why})"
+        return NoNodeAvailable(watcher.why_none(self.clients), retry_after_s=retry_after_s)
 
-    def _drain(self, lane: Lane) -> None:
+    def drain(self, lane: Lane) -> None:
+        """Dispatch the jobs waiting on ``lane`` again (its node is down or disabled)."""
         for job in lane.take_pending():
             self.dispatch(job)
 
-    def _park(self, job: Job) -> None:
-        loop = asyncio.get_running_loop()
-        if job.parked_at is None:
-            job.parked_at = loop.time()
-        self._parked.append(job)
-        wait_s = self.settings.scheduler.wait_for_node_s
-        timer = loop.call_at(job.parked_at + wait_s, self._expire_parked)
-        self._timers.add(timer)
-
-    def _expire_parked(self) -> None:
-        loop = asyncio.get_running_loop()
-        now, wait_s = loop.time(), self.settings.scheduler.wait_for_node_s
-        self._timers = {t for t in self._timers if t.when() > now}
-        keep: list[Job] = []
-        for job in self._parked:
-            run = job.run
-            if run.finished:
-                continue
-            if job.parked_at is not None and job.parked_at + wait_s > now + 1e-3:
-                keep.append(job)
-            elif run.failures:
-                why = f"no usable node came back within {wait_s:g} s"
-                run.fail(GenerationFailed(f"generation failed: {why}", dict(run.failures)))
-            else:
-                run.fail(NoNodeAvailable(self._why_none(), retry_after_s=self.retry_after_s()))
-        self._parked = keep
-
     def resume_parked(self) -> None:
         """Dispatch the work that waits for a usable node."""
-        parked, self._parked = self._parked, []
-        for job in parked:
+        for job in self.parking.take_all():
             self.dispatch(job)
-
-    async def _watch(self, client: NodeClient) -> None:
-        """Probe one node: every interval while up, after its cooldown while down."""
-        scheduler = self.settings.scheduler
-        wake = self._wakes[client.name]
-        polls = 0
-        while True:
-            wake.clear()
-            delay = scheduler.health_interval_s
-            health = client.health
-            if not health.up and health.next_probe_at is not None:
-                delay = max(0.0, health.next_probe_at - time.time())
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay):
-                    await wake.wait()
-            if not health.up and not health.probe_due(time.time()):
-                continue  # woken early: wait for the (new) cooldown
-            polls += 1
-            was_up = health.up
-            came_back = await check_node(client, scheduler.health_timeout_s)
-            if not health.up:
-                if was_up:
-                    log.warning("node %s is down: %s", client.name, health.last_error)
-                    self._drain(self.lanes[client.name])
-                continue
-            if came_back:
-                log.info("node %s is back", client.name)
-            # A returning node gets its lists read and the cluster's checkpoint before work;
-            # every few polls the lists are read again (a webui's lists change on refresh).
-            if came_back or not self.models.in_sync(client):
-                await self.models.sync(client)
-            elif polls % scheduler.inventory_every_polls == 0:
-                await self.models.refresh_all([client])
-            if client.usable and self._parked:
-                self.resume_parked()
 
     def running_jobs(self) -> list[tuple[Lane, Job]]:
         """Every job a node is rendering right now for a request still in flight."""
@@ -519,10 +441,7 @@ class Cluster:
                 if job.run in runs:
                     job.run.drop(job.chunk.images)
             lane.pending = deque(kept)
-        for job in self._parked:
-            if job.run in runs and not job.whole:
-                job.run.drop(job.chunk.images)
-        self._parked = [job for job in self._parked if job.run not in runs or job.whole]
+        self.parking.drop_interrupted(runs)
         return [lane.client for lane, _ in running]
 
     def _queue(self, run: Run, shares: Iterable[Share], blame: Blame | None = None) -> None:

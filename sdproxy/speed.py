@@ -78,6 +78,9 @@ class SpeedEstimate:
         return requests * self.overhead_s + self.per_unit_s * work
 
 
+_MIN_SLOPE = 1e-9  # per-unit seconds are kept positive, however flat the points
+
+
 def fit_line(points: Iterable[tuple[float, float, float]]) -> tuple[float, float] | None:
     """Weighted least squares through ``(work, seconds, weight)``: ``(overhead_s, per_unit_s)``.
 
@@ -96,7 +99,10 @@ def fit_line(points: Iterable[tuple[float, float, float]]) -> tuple[float, float
     sxy = math.fsum(w * (x - mean_x) * (y - mean_y) for x, y, w in pts)
     slope = sxy / sxx
     overhead = mean_y - slope * mean_x
-    if slope <= 0 or overhead < 0:
+    # Least squares within the physical bounds: on the boundary the unconstrained optimum left.
+    if slope <= 0:
+        return max(mean_y, 0.0), _MIN_SLOPE
+    if overhead < 0:
         return 0.0, _through_origin(pts)
     return overhead, slope
 
@@ -105,7 +111,7 @@ def _through_origin(pts: Sequence[tuple[float, float, float]]) -> float:
     """Slope of the weighted line through the origin, kept positive."""
     sxy = math.fsum(w * x * y for x, y, w in pts)
     sxx = math.fsum(w * x * x for x, _, w in pts)
-    return max(sxy / sxx, 1e-9)
+    return max(sxy / sxx, _MIN_SLOPE)
 
 
 def fit_benchmark(runs: Sequence[tuple[float, float]]) -> SpeedEstimate:

@@ -28,9 +28,10 @@ from sdproxy.errors import (
     validation_error,
 )
 from sdproxy.fanout import call_each, combined_error, first_answer
+from sdproxy.imageurls import any_url_errors
 from sdproxy.nodes import NodeClient
 from sdproxy.progress import NodeProgress, aggregate_progress, idle_progress
-from sdproxy.request import any_url_errors, parse_bool
+from sdproxy.request import parse_bool
 from sdproxy.routes import json_response, read_body, read_json
 from sdproxy.scheduler import Cluster
 

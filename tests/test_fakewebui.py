@@ -28,14 +28,12 @@ from sdproxy.fakewebui import (
     render_png,
     serve_fake_node,
 )
-from sdproxy.fakewebui_model import (
-    DEFAULT_SAMPLERS,
+from sdproxy.fakewebui.catalog import DEFAULT_SAMPLERS, resolve_sampler
+from sdproxy.fakewebui.infotext import parse_infotext, seed_lists
+from sdproxy.fakewebui.model import (
     IMG2IMG_FIELDS,
     TXT2IMG_FIELDS,
     RequestValidationError,
-    parse_infotext,
-    resolve_sampler,
-    seed_lists,
     validate_request,
 )
 

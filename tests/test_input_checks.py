@@ -13,7 +13,8 @@ from PIL import Image
 
 from sdproxy.errors import RequestValidationError
 from sdproxy.images import check_b64_image
-from sdproxy.request import InputLimits, decodable_images, image_url_errors, parse_generation
+from sdproxy.imageurls import image_url_errors
+from sdproxy.request import InputLimits, decodable_images, parse_generation
 
 LIMITS = InputLimits(max_width=1024, max_height=768, max_steps=150)
 
