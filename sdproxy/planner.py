@@ -63,13 +63,7 @@ def plan_split(units: int, nodes: Sequence[NodeCapacity], start: int = 0) -> lis
     )
     for i in by_remainder[:left]:
         counts[i] += 1
-    shares: list[Share] = []
-    at = start
-    for node, count in zip(nodes, counts, strict=True):
-        if count:
-            shares.append(Share(node.name, at, count))
-            at += count
-    return shares
+    return _contiguous([node.name for node in nodes], counts, start)
 
 
 @dataclass(frozen=True)
@@ -122,13 +116,7 @@ def plan_makespan(units: int, nodes: Sequence[NodeLoad], start: int = 0) -> list
         _, per_unit, i = heapq.heappop(heap)
         counts[i] += 1
         heapq.heappush(heap, (share_time_s(nodes[i], counts[i] + 1), per_unit, i))
-    shares: list[Share] = []
-    at = start
-    for node, count in zip(nodes, counts, strict=True):
-        if count:
-            shares.append(Share(node.name, at, count))
-            at += count
-    return shares
+    return _contiguous([node.name for node in nodes], counts, start)
 
 
 def plan_under_load(
@@ -168,6 +156,17 @@ def plan_under_load(
         if shares_cost < best_cost:
             best, best_cost = shares, shares_cost
     return best
+
+
+def _contiguous(names: Sequence[str], counts: Sequence[int], start: int) -> list[Share]:
+    """Consecutive ranges from ``start``, in the order of ``names``; empty counts left out."""
+    shares: list[Share] = []
+    at = start
+    for name, count in zip(names, counts, strict=True):
+        if count:
+            shares.append(Share(name, at, count))
+            at += count
+    return shares
 
 
 def chunk_share(share: Share, max_batch_size: int) -> list[Chunk]:
