@@ -24,6 +24,7 @@ log = logging.getLogger("sdproxy.access")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 REQUEST_ID_HEADER = "X-Request-ID"
+PROCESS_TIME_HEADER = "X-Process-Time"
 # A client's id is kept when it is a short token that cannot break a log line or a header.
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/+=\-]{0,127}")
 # Polled every few seconds by dashboards and Prometheus: logged at DEBUG unless they fail.
@@ -85,6 +86,8 @@ def make_access_middleware(metrics: Metrics) -> Callable[..., Awaitable[web.Stre
             status = response.status
             if not response.prepared:
                 response.headers[REQUEST_ID_HEADER] = request_id
+                # The webui's api_middleware sends the seconds spent on every answer.
+                response.headers[PROCESS_TIME_HEADER] = str(time.perf_counter() - started)
             return response
         finally:
             duration_s = time.perf_counter() - started

@@ -70,6 +70,7 @@ class TestAccessLog:
         ):
             assert resp.status == 200
             assert resp.headers["X-Request-ID"] == "client-42"
+            assert float(resp.headers["X-Process-Time"]) > 0  # as the webui's api_middleware
             shares = resp.headers["X-Sdproxy-Shares"]
         [line] = access_fields(caplog)
         assert line["request_id"] == "client-42"
@@ -100,6 +101,7 @@ class TestAccessLog:
                 first_id = resp.headers["X-Request-ID"]
             async with session.get(f"{url}/no/such/path") as resp:
                 assert resp.status == 404
+                assert "X-Process-Time" in resp.headers
                 second_id = resp.headers["X-Request-ID"]
         lines = access_fields(caplog)
         assert [(x["status"], x["route"]) for x in lines] == [
