@@ -24,5 +24,5 @@ EXPOSE 7860
 # requests in flight (up to 30 s) and exits 0.
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=30s --timeout=5s --start-period=15s --retries=3 \
-    CMD ["python", "-m", "sdproxy.healthcheck"]
+    CMD ["python", "-m", "sdproxy.ops.healthcheck"]
 CMD ["sdproxy", "serve", "--config", "/etc/sdproxy/config.toml"]

@@ -17,14 +17,14 @@ import aiohttp
 from aiohttp import web
 
 from sdproxy import __version__
-from sdproxy.app import create_app
-from sdproxy.benchmark import BenchmarkResult, benchmark_node, load_state, save_state
+from sdproxy.cluster.benchmark import BenchmarkResult, benchmark_node, load_state, save_state
 from sdproxy.config import NodeSettings, Settings, load_settings
 from sdproxy.errors import ConfigError, NodeError
 from sdproxy.fakewebui import FakeNode, FakeNodeSettings, Fault, create_fake_app
-from sdproxy.limits import connection_limits
 from sdproxy.logs import configure_logging
-from sdproxy.nodes import NodeClient
+from sdproxy.nodes.client import NodeClient
+from sdproxy.server.app import create_app
+from sdproxy.server.limits import connection_limits
 
 EXIT_OK = 0
 EXIT_CONFIG = 2  # bad configuration or arguments, like argparse's own usage errors

@@ -15,10 +15,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from sdproxy.accesslog import request_id_for
 from sdproxy.cli import free_port
 from sdproxy.fakewebui import FakeNodeSettings
 from sdproxy.logs import JsonFormatter, RequestIdFilter, request_id_var
+from sdproxy.server.accesslog import request_id_for
 from tests.support import fake_nodes, proxy
 
 SMALL = {"width": 64, "height": 64, "steps": 20}

@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from sdproxy.autosave import Autosaver, images_to_save
+from sdproxy.core.images import png_bytes
 from sdproxy.fakewebui import FakeNodeSettings
-from sdproxy.images import png_bytes
+from sdproxy.ops.autosave import Autosaver, images_to_save
 from tests.support import fake_nodes, pixels, post_json, proxy, wait_until
 
 SMALL = {"width": 64, "height": 64, "steps": 20}
@@ -144,7 +144,7 @@ class TestAutosave:
         """A folder that cannot exist (under a regular file) fails no request; one warning."""
         blocker = tmp_path / "file.txt"
         blocker.write_text("not a folder")
-        caplog.set_level(logging.INFO, logger="sdproxy.autosave")
+        caplog.set_level(logging.INFO, logger="sdproxy.ops.autosave")
         async with (
             fake_nodes(FakeNodeSettings()) as nodes,
             proxy(nodes, autosave={"dir": str(blocker / "sub")}) as url,
@@ -189,7 +189,7 @@ class TestFullDisk:
         body = response([image] * 3, {"all_seeds": [1, 2, 3], "infotexts": ["a", "b", "c"]})
         todo = images_to_save(body, [("n", 0, 2)])
         saver = Autosaver(tmp_path / "out")
-        caplog.set_level(logging.INFO, logger="sdproxy.autosave")
+        caplog.set_level(logging.INFO, logger="sdproxy.ops.autosave")
         monkeypatch.setattr(Path, "open", full_disk_open)
         saver._save_all(todo, "20261128-000000")
         monkeypatch.undo()

@@ -8,11 +8,11 @@ from typing import Any
 import aiohttp
 import pytest
 
-from sdproxy.benchmark import BenchmarkResult, fit_runs, load_state, save_state
 from sdproxy.cli import run_benchmarks
+from sdproxy.cluster.benchmark import BenchmarkResult, fit_runs, load_state, save_state
 from sdproxy.config import Settings, load_settings
+from sdproxy.core.speed import image_work
 from sdproxy.fakewebui import FakeNodeSettings
-from sdproxy.speed import image_work
 from tests.support import fake_nodes, proxy
 from tests.test_scheduling import status_of, wait_for_status
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sdproxy.catalog import (
+from sdproxy.core.inventory import (
     REDACTED,
     find_checkpoint,
     intersect_named,

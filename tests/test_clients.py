@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 import webuiapi
 from PIL import Image
 
-from sdproxy.catalog import REDACTED
+from sdproxy.core.inventory import REDACTED
 from sdproxy.fakewebui import FakeNodeSettings
 from tests.support import fake_nodes, proxy
 

@@ -10,10 +10,10 @@ import aiohttp
 import pytest
 
 from sdproxy.cli import free_port, start_site
+from sdproxy.cluster.scheduler import Cluster
 from sdproxy.config import Settings
+from sdproxy.core.request import parse_generation
 from sdproxy.fakewebui import FakeNode, FakeNodeSettings, Fault, FaultMode, create_fake_app
-from sdproxy.request import parse_generation
-from sdproxy.scheduler import Cluster
 from tests.support import (
     RunningNode,
     cluster_status,

@@ -9,9 +9,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sdproxy.config import NodeSettings, SchedulerSettings
+from sdproxy.core.health import NodeHealth, cooldown_s
 from sdproxy.errors import NodeBadResponse, NodeRaised
-from sdproxy.health import NodeHealth, cooldown_s
-from sdproxy.nodes import NodeClient
+from sdproxy.nodes.client import NodeClient
 
 NODE = NodeSettings.model_validate({"name": "n", "url": "http://node.test"})
 

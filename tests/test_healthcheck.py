@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 
 from sdproxy.cli import free_port
-from sdproxy.healthcheck import DEFAULT_PORT, configured_port
+from sdproxy.ops.healthcheck import DEFAULT_PORT, configured_port
 
 
 async def run_healthcheck(port: int) -> int:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "sdproxy.healthcheck",
+        "sdproxy.ops.healthcheck",
         env={**os.environ, "SDPROXY_SERVER__PORT": str(port)},
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL,

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from sdproxy.core.images import check_b64_image
+from sdproxy.core.imageurls import image_url_errors
+from sdproxy.core.request import InputLimits, decodable_images, parse_generation
 from sdproxy.errors import RequestValidationError
-from sdproxy.images import check_b64_image
-from sdproxy.imageurls import image_url_errors
-from sdproxy.request import InputLimits, decodable_images, parse_generation
 
 LIMITS = InputLimits(max_width=1024, max_height=768, max_steps=150)
 

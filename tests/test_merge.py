@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sdproxy.merge import BadNodeResult, dump_info, merge_parts, read_part, with_grid
-from sdproxy.request import GenerationRequest, Seeds, parse_generation
+from sdproxy.core.merge import BadNodeResult, dump_info, merge_parts, read_part, with_grid
+from sdproxy.core.request import GenerationRequest, Seeds, parse_generation
 
 
 def single_node_info(total: int, seed: int, subseed: int, strength: float) -> dict[str, Any]:

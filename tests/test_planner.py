@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sdproxy.planner import (
+from sdproxy.core.planner import (
     Chunk,
     NodeCapacity,
     NodeLoad,

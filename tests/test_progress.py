@@ -7,7 +7,7 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sdproxy.progress import NodeProgress, aggregate_progress, idle_progress
+from sdproxy.core.progress import NodeProgress, aggregate_progress, idle_progress
 
 
 def busy(

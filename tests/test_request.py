@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
+from sdproxy.core.request import Seeds, node_body, parse_generation, resolve_seeds
 from sdproxy.errors import NotFound, RequestValidationError
-from sdproxy.request import Seeds, node_body, parse_generation, resolve_seeds
 
 
 def parse(body: Any, kind: str = "txt2img", max_images: int = 100) -> Any:

@@ -11,12 +11,12 @@ from typing import Any
 import aiohttp
 import pytest
 
-from sdproxy.benchmark import BenchmarkResult, save_state
+from sdproxy.cluster.benchmark import BenchmarkResult, save_state
+from sdproxy.cluster.scheduler import Cluster
 from sdproxy.config import Settings
+from sdproxy.core.request import parse_generation
+from sdproxy.core.speed import SpeedEstimate
 from sdproxy.fakewebui import FakeNodeSettings, Fault
-from sdproxy.request import parse_generation
-from sdproxy.scheduler import Cluster
-from sdproxy.speed import SpeedEstimate
 from tests.support import RunningNode, fake_nodes, post_json, proxy
 
 SMALL = {"width": 64, "height": 64, "steps": 20}  # 1/64 of a nominal image

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from sdproxy.request import parse_generation
-from sdproxy.speed import SpeedEstimate, SpeedModel, fit_benchmark, fit_line, work_per_image
+from sdproxy.core.request import parse_generation
+from sdproxy.core.speed import SpeedEstimate, SpeedModel, fit_benchmark, fit_line, work_per_image
 
 
 class TestWorkPerImage:

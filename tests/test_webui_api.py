@@ -13,10 +13,10 @@ from typing import Any
 import aiohttp
 from openapi_spec_validator import validate
 
-from sdproxy.catalog import REDACTED
 from sdproxy.cli import start_site
+from sdproxy.core.inventory import REDACTED
+from sdproxy.core.progress import idle_progress
 from sdproxy.fakewebui import FakeNode, FakeNodeSettings, Fault, create_fake_app
-from sdproxy.progress import idle_progress
 from tests.support import RunningNode, fake_nodes, post_json, proxy
 
 SMALL = {"width": 64, "height": 64, "steps": 20}

@@ -13,6 +13,7 @@ import orjson
 from yarl import URL
 
 from sdproxy.config import NodeSettings, SchedulerSettings
+from sdproxy.core.health import NodeHealth
 from sdproxy.errors import (
     NodeAuthFailed,
     NodeBadResponse,
@@ -22,7 +23,6 @@ from sdproxy.errors import (
     NodeTimeout,
     NodeUnreachable,
 )
-from sdproxy.health import NodeHealth
 
 # The webui's api_middleware answers any exception a job raises with these keys.
 _WEBUI_ERROR_KEYS = frozenset({"error", "detail", "body", "errors"})

@@ -16,13 +16,13 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from sdproxy.nodes import NodeClient, check_node
+from sdproxy.nodes.client import NodeClient, check_node
 
 if TYPE_CHECKING:
-    from sdproxy.scheduler import Cluster
+    from sdproxy.cluster.scheduler import Cluster
 
 # The scheduler's logger: every "node is down/back" line keeps one logger name, as before.
-log = logging.getLogger("sdproxy.scheduler")
+log = logging.getLogger("sdproxy.cluster.scheduler")
 
 
 async def watch_node(cluster: Cluster, client: NodeClient, wake: asyncio.Event) -> None:

@@ -9,9 +9,17 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from sdproxy import __version__, routes
-from sdproxy.accesslog import make_access_middleware
-from sdproxy.appkeys import (
+from sdproxy import __version__
+from sdproxy.cluster.benchmark import Benchmarker
+from sdproxy.cluster.scheduler import Cluster
+from sdproxy.config import Settings
+from sdproxy.errors import SdproxyError, webui_error_body
+from sdproxy.ops.autosave import Autosaver
+from sdproxy.ops.metrics import Metrics
+from sdproxy.server import routes
+from sdproxy.server.accesslog import make_access_middleware
+from sdproxy.server.auth import auth_middleware
+from sdproxy.server.keys import (
     autosave_key,
     benchmarker_key,
     cluster_key,
@@ -19,15 +27,8 @@ from sdproxy.appkeys import (
     session_key,
     settings_key,
 )
-from sdproxy.auth import auth_middleware
-from sdproxy.autosave import Autosaver
-from sdproxy.benchmark import Benchmarker
-from sdproxy.config import Settings
-from sdproxy.errors import SdproxyError, webui_error_body
-from sdproxy.limits import body_limit_middleware, body_too_large
-from sdproxy.metrics import Metrics
-from sdproxy.routes import json_response
-from sdproxy.scheduler import Cluster
+from sdproxy.server.limits import body_limit_middleware, body_too_large
+from sdproxy.server.routes import json_response
 
 log = logging.getLogger(__name__)
 

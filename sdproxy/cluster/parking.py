@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Collection
 
+from sdproxy.cluster.lanes import Job, Run
 from sdproxy.errors import GenerationFailed, SdproxyError
-from sdproxy.lanes import Job, Run
 
 
 class Parking:

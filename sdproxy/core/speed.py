@@ -22,7 +22,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from sdproxy.request import GenerationRequest
+from sdproxy.core.request import GenerationRequest
 
 NOMINAL_STEPS = 20
 NOMINAL_PIXELS = 512 * 512

@@ -29,9 +29,16 @@ from typing import Any
 
 import aiohttp
 
-from sdproxy import images, stealing, watcher
-from sdproxy.checkpoints import ModelCatalog
+from sdproxy.cluster import stealing, watcher
+from sdproxy.cluster.checkpoints import ModelCatalog
+from sdproxy.cluster.lanes import Job, Lane, Run
+from sdproxy.cluster.parking import Parking
 from sdproxy.config import Settings
+from sdproxy.core import images
+from sdproxy.core.merge import Merged, merge_parts, with_grid
+from sdproxy.core.planner import Chunk, NodeLoad, Share, chunk_share, plan_under_load
+from sdproxy.core.request import GenerationRequest, resolve_seeds
+from sdproxy.core.speed import NOMINAL_PER_UNIT_S, SpeedEstimate, work_per_image
 from sdproxy.errors import (
     GenerationFailed,
     NodeError,
@@ -42,14 +49,8 @@ from sdproxy.errors import (
     RequestTimeout,
     SdproxyError,
 )
-from sdproxy.lanes import Job, Lane, Run
-from sdproxy.merge import Merged, merge_parts, with_grid
-from sdproxy.metrics import Metrics
-from sdproxy.nodes import NodeClient, probe_all
-from sdproxy.parking import Parking
-from sdproxy.planner import Chunk, NodeLoad, Share, chunk_share, plan_under_load
-from sdproxy.request import GenerationRequest, resolve_seeds
-from sdproxy.speed import NOMINAL_PER_UNIT_S, SpeedEstimate, work_per_image
+from sdproxy.nodes.client import NodeClient, probe_all
+from sdproxy.ops.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -8,12 +8,18 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from sdproxy import __version__, images, metrics
-from sdproxy.accesslog import Outcome, outcome_key
-from sdproxy.appkeys import autosave_key, benchmarker_key, cluster_key, metrics_key, settings_key
-from sdproxy.benchmark import Benchmarker
+from sdproxy import __version__
+from sdproxy.cluster.benchmark import Benchmarker
+from sdproxy.cluster.scheduler import Cluster
 from sdproxy.config import ServerSettings
-from sdproxy.dashboard import cluster_page, in_flight
+from sdproxy.core import images
+from sdproxy.core.request import (
+    GenerationRequest,
+    InputLimits,
+    Kind,
+    decodable_images,
+    parse_generation,
+)
 from sdproxy.errors import (
     BodyTimeout,
     ClientGone,
@@ -21,15 +27,17 @@ from sdproxy.errors import (
     RequestValidationError,
     validation_error,
 )
-from sdproxy.nodes import NodeClient
-from sdproxy.request import (
-    GenerationRequest,
-    InputLimits,
-    Kind,
-    decodable_images,
-    parse_generation,
+from sdproxy.nodes.client import NodeClient
+from sdproxy.ops import metrics
+from sdproxy.server.accesslog import Outcome, outcome_key
+from sdproxy.server.dashboard import cluster_page, in_flight
+from sdproxy.server.keys import (
+    autosave_key,
+    benchmarker_key,
+    cluster_key,
+    metrics_key,
+    settings_key,
 )
-from sdproxy.scheduler import Cluster
 
 SHARES_HEADER = "X-Sdproxy-Shares"
 
@@ -245,7 +253,8 @@ async def prometheus_metrics(request: web.Request) -> web.Response:
 
 def add_routes(app: web.Application) -> None:
     # Imported here: those modules build on this one's helpers (json_response, read_json).
-    from sdproxy import openapi, webui_routes
+    from sdproxy.server import openapi
+    from sdproxy.server import webui as webui_routes
 
     app.router.add_post("/sdapi/v1/txt2img", txt2img)
     app.router.add_post("/sdapi/v1/img2img", img2img)

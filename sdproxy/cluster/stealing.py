@@ -15,12 +15,12 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
+from sdproxy.core.planner import Share, chunk_share
 from sdproxy.errors import SdproxyError
-from sdproxy.planner import Share, chunk_share
 
 if TYPE_CHECKING:
-    from sdproxy.lanes import Job, Lane
-    from sdproxy.scheduler import Cluster
+    from sdproxy.cluster.lanes import Job, Lane
+    from sdproxy.cluster.scheduler import Cluster
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 if TYPE_CHECKING:
-    from sdproxy.nodes import NodeClient
-    from sdproxy.scheduler import Cluster
+    from sdproxy.cluster.scheduler import Cluster
+    from sdproxy.nodes.client import NodeClient
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

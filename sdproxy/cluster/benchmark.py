@@ -25,12 +25,12 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from sdproxy.config import BenchmarkSettings
+from sdproxy.core.speed import SpeedEstimate, fit_benchmark, image_work
 from sdproxy.errors import NodeError
-from sdproxy.nodes import NodeClient
-from sdproxy.speed import SpeedEstimate, fit_benchmark, image_work
+from sdproxy.nodes.client import NodeClient
 
 if TYPE_CHECKING:
-    from sdproxy.scheduler import Cluster
+    from sdproxy.cluster.scheduler import Cluster
 
 log = logging.getLogger(__name__)
 

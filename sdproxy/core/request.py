@@ -11,8 +11,8 @@ import random
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from sdproxy.core.imageurls import image_url_errors, is_url
 from sdproxy.errors import NotFound, RequestValidationError, validation_error
-from sdproxy.imageurls import image_url_errors, is_url
 
 Kind = Literal["txt2img", "img2img"]
 

@@ -16,12 +16,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sdproxy.catalog import find_checkpoint
 from sdproxy.config import ApiSettings
+from sdproxy.core.inventory import find_checkpoint
+from sdproxy.core.request import GenerationRequest
 from sdproxy.errors import NodeError, NoNodeAvailable, NotFound, SdproxyError
-from sdproxy.fanout import call_each, note_failure
-from sdproxy.nodes import NodeClient
-from sdproxy.request import GenerationRequest
+from sdproxy.nodes.client import NodeClient
+from sdproxy.nodes.fanout import call_each, note_failure
 
 log = logging.getLogger(__name__)
 

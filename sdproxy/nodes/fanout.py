@@ -16,7 +16,7 @@ from sdproxy.errors import (
     NoNodeAvailable,
     SdproxyError,
 )
-from sdproxy.nodes import NodeClient
+from sdproxy.nodes.client import NodeClient
 
 NodeCall = Callable[[NodeClient], Awaitable[Any]]
 

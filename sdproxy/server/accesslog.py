@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from sdproxy.logs import request_id_var
-from sdproxy.metrics import Metrics
+from sdproxy.ops.metrics import Metrics
 
 log = logging.getLogger("sdproxy.access")
 

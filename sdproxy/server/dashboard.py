@@ -9,14 +9,14 @@ from typing import Any
 
 from aiohttp import web
 
-from sdproxy.lanes import Run
-from sdproxy.scheduler import Cluster
+from sdproxy.cluster.lanes import Run
+from sdproxy.cluster.scheduler import Cluster
 
 
 @cache
 def page_html() -> bytes:
     """The dashboard page, shipped as package data (no external assets)."""
-    return resources.files("sdproxy").joinpath("dashboard.html").read_bytes()
+    return resources.files("sdproxy.server").joinpath("dashboard.html").read_bytes()
 
 
 async def cluster_page(request: web.Request) -> web.Response:

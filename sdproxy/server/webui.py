@@ -12,14 +12,17 @@ from typing import Any
 
 from aiohttp import web
 
-from sdproxy.appkeys import cluster_key, settings_key
-from sdproxy.catalog import (
+from sdproxy.cluster.scheduler import Cluster
+from sdproxy.core.imageurls import any_url_errors
+from sdproxy.core.inventory import (
     intersect_named,
     merge_embeddings,
     merge_scripts,
     redact_flags,
     union_named,
 )
+from sdproxy.core.progress import NodeProgress, aggregate_progress, idle_progress
+from sdproxy.core.request import parse_bool
 from sdproxy.errors import (
     NoNodeAvailable,
     NotSupported,
@@ -27,13 +30,10 @@ from sdproxy.errors import (
     UnknownCheckpoint,
     validation_error,
 )
-from sdproxy.fanout import call_each, combined_error, first_answer
-from sdproxy.imageurls import any_url_errors
-from sdproxy.nodes import NodeClient
-from sdproxy.progress import NodeProgress, aggregate_progress, idle_progress
-from sdproxy.request import parse_bool
-from sdproxy.routes import json_response, read_body, read_json
-from sdproxy.scheduler import Cluster
+from sdproxy.nodes.client import NodeClient
+from sdproxy.nodes.fanout import call_each, combined_error, first_answer
+from sdproxy.server.keys import cluster_key, settings_key
+from sdproxy.server.routes import json_response, read_body, read_json
 
 Merge = Callable[[Sequence[Any]], Any]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -5,11 +5,11 @@ from __future__ import annotations
 import aiohttp
 from aiohttp import web
 
-from sdproxy.autosave import Autosaver
-from sdproxy.benchmark import Benchmarker
+from sdproxy.cluster.benchmark import Benchmarker
+from sdproxy.cluster.scheduler import Cluster
 from sdproxy.config import Settings
-from sdproxy.metrics import Metrics
-from sdproxy.scheduler import Cluster
+from sdproxy.ops.autosave import Autosaver
+from sdproxy.ops.metrics import Metrics
 
 settings_key = web.AppKey("settings", Settings)
 session_key = web.AppKey("session", aiohttp.ClientSession)

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sdproxy import images
-from sdproxy.metrics import Metrics
+from sdproxy.core import images
+from sdproxy.ops.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -16,16 +16,16 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from sdproxy.core.merge import BadNodeResult, Part, read_part
+from sdproxy.core.planner import Chunk
+from sdproxy.core.request import GenerationRequest, Seeds, node_body
+from sdproxy.core.speed import SpeedModel
 from sdproxy.errors import NodeBadResponse, NodeError, NodeRaised, NodeRejected, SdproxyError
 from sdproxy.logs import request_id_var
-from sdproxy.merge import BadNodeResult, Part, read_part
-from sdproxy.nodes import NodeClient
-from sdproxy.planner import Chunk
-from sdproxy.request import GenerationRequest, Seeds, node_body
-from sdproxy.speed import SpeedModel
+from sdproxy.nodes.client import NodeClient
 
 if TYPE_CHECKING:
-    from sdproxy.scheduler import Cluster
+    from sdproxy.cluster.scheduler import Cluster
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from sdproxy.request import GenerationRequest, Seeds
+from sdproxy.core.request import GenerationRequest, Seeds
 
 # The per-image lists of info, concatenated in image order across parts.
 _PER_IMAGE_LISTS = ("all_prompts", "all_negative_prompts", "all_seeds", "all_subseeds")
