@@ -31,8 +31,9 @@ from typing import Any
 import aiohttp
 from PIL import Image
 
-from sdproxy.cli import free_port, start_proxy
+from sdproxy.cli import free_port
 from sdproxy.config import Settings
+from sdproxy.server.site import start_proxy
 
 
 @dataclass

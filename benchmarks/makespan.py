@@ -44,13 +44,13 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from sdproxy.cli import start_site
 from sdproxy.cluster.benchmark import BenchmarkResult, benchmark_node, save_state
 from sdproxy.config import BenchmarkSettings, NodeSettings, SchedulerSettings, Settings
 from sdproxy.core.planner import NodeLoad, plan_makespan, predicted_makespan_s
 from sdproxy.fakewebui import FakeNode, FakeNodeSettings, create_fake_app
 from sdproxy.nodes.client import NodeClient
 from sdproxy.server.app import create_app
+from sdproxy.server.site import start_site
 
 SIZE = 64  # request images of 64x64, 20 steps: a fake node's per_image_s applies / 64
 SCALE = 512 * 512 / (SIZE * SIZE)

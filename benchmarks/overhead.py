@@ -38,11 +38,11 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from sdproxy.cli import start_site
 from sdproxy.config import Settings
 from sdproxy.core.merge import Part, merge_parts, read_part
 from sdproxy.core.request import Seeds, parse_generation
 from sdproxy.server.app import create_app
+from sdproxy.server.site import start_site
 
 MB = 1024 * 1024
 

@@ -23,8 +23,7 @@ from sdproxy.errors import ConfigError, NodeError
 from sdproxy.fakewebui import FakeNode, FakeNodeSettings, Fault, create_fake_app
 from sdproxy.logs import configure_logging
 from sdproxy.nodes.client import NodeClient
-from sdproxy.server.app import create_app
-from sdproxy.server.limits import connection_limits
+from sdproxy.server.site import start_proxy, start_site
 
 EXIT_OK = 0
 EXIT_CONFIG = 2  # bad configuration or arguments, like argparse's own usage errors
@@ -168,50 +167,6 @@ async def wait_for_signal() -> None:
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
-
-
-async def start_site(
-    app: web.Application,
-    host: str,
-    port: int,
-    *,
-    shutdown_timeout_s: float = 30.0,
-    handler_cancellation: bool = False,
-    **server_args: Any,
-) -> web.AppRunner:
-    """Serve ``app`` on host:port; the caller owns the runner's cleanup().
-
-    cleanup() stops accepting connections, waits up to ``shutdown_timeout_s`` for requests in
-    flight, then cancels them. ``handler_cancellation`` cancels a handler whose client has
-    disconnected (aiohttp does not by default). ``server_args`` go to aiohttp's request handler
-    (see limits.connection_limits).
-    """
-    runner = web.AppRunner(
-        app,
-        access_log=None,
-        shutdown_timeout=shutdown_timeout_s,
-        handler_cancellation=handler_cancellation,
-        **server_args,
-    )
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, host, port).start()
-    except OSError:
-        await runner.cleanup()
-        raise
-    return runner
-
-
-async def start_proxy(settings: Settings, host: str, port: int) -> web.AppRunner:
-    """Serve sdproxy: handlers of departed clients are cancelled, shutdown waits the grace."""
-    return await start_site(
-        create_app(settings),
-        host,
-        port,
-        shutdown_timeout_s=settings.server.shutdown_grace_s,
-        handler_cancellation=True,
-        **connection_limits(settings.server),
-    )
 
 
 async def _serve(settings: Settings) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import os
 import signal
 import sys
@@ -18,9 +19,11 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 from PIL import Image
 
-from sdproxy.cli import start_proxy, start_site
 from sdproxy.config import Settings
 from sdproxy.fakewebui import FakeNode, FakeNodeSettings, create_fake_app
+from sdproxy.server.site import start_proxy, start_site
+
+SMALL = {"width": 64, "height": 64, "steps": 20}  # 1/64 of a nominal image: renders fast
 
 
 @dataclass
@@ -194,3 +197,81 @@ async def node_processes(*flag_sets: Sequence[str]) -> AsyncIterator[list[NodePr
     finally:
         for process in processes:
             await process.stop()
+
+
+def info_of(response: dict[str, Any]) -> dict[str, Any]:
+    info: dict[str, Any] = json.loads(response["info"])
+    return info
+
+
+async def reference_answer(
+    session: aiohttp.ClientSession,
+    node: RunningNode,
+    kind: str,
+    body: dict[str, Any],
+    proxied: dict[str, Any],
+) -> dict[str, Any]:
+    """What one node answers for ``body`` given the seeds sdproxy resolved."""
+    info = info_of(proxied)
+    resolved = dict(body, seed=info["seed"], subseed=info["subseed"])
+    status, answer, _ = await post_json(session, f"{node.url}/sdapi/v1/{kind}", resolved)
+    assert status == 200, answer
+    result: dict[str, Any] = answer
+    return result
+
+
+def assert_same_as_one_node(
+    proxied: dict[str, Any], single: dict[str, Any], body: dict[str, Any]
+) -> None:
+    """Same pixels, same info but job_timestamp, same parameters but the seeds as sent."""
+    assert [pixels(i) for i in proxied["images"]] == [pixels(i) for i in single["images"]]
+    got, want = info_of(proxied), info_of(single)
+    got.pop("job_timestamp")
+    want.pop("job_timestamp")
+    assert list(got) == list(want)
+    assert got == want
+    want_parameters = dict(single["parameters"])
+    for key in ("seed", "subseed"):
+        want_parameters[key] = body.get(key, -1)
+    assert proxied["parameters"] == want_parameters
+    assert list(proxied) == ["images", "parameters", "info"]
+
+
+# Short timeouts so failures are found fast; generous enough for a loaded machine.
+FAST: dict[str, Any] = {
+    "health_interval_s": 0.2,
+    "health_timeout_s": 5,
+    "connect_timeout_s": 2,
+    "cooldown_base_s": 0.1,
+    "cooldown_max_s": 0.5,
+    "share_timeout_floor_s": 20,
+    "wait_for_node_s": 10,
+}
+
+
+def fast(**overrides: Any) -> dict[str, Any]:
+    return {"scheduler": {**FAST, **overrides}}
+
+
+def assert_complete(proxied: dict[str, Any], body: dict[str, Any]) -> None:
+    """Every image is there once: as many images as asked, consecutive distinct seeds."""
+    total = body["batch_size"] * body.get("n_iter", 1)
+    info = info_of(proxied)
+    # With a subseed strength the seed is shared and the subseeds count up instead.
+    key = "subseed" if body.get("subseed_strength") else "seed"
+    first = info[key]
+    assert info[f"all_{key}s"] == list(range(first, first + total))
+    assert len(proxied["images"]) == total
+    assert len(set(proxied["images"])) == total  # distinct seeds render distinct images
+
+
+async def wait_for_status(
+    session: aiohttp.ClientSession, url: str, predicate: Any, timeout_s: float = 30
+) -> dict[str, Any]:
+    """Poll /cluster/status until ``predicate(status)`` holds."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            status = await cluster_status(session, url)
+            if predicate(status):
+                return status
+            await asyncio.sleep(0.02)

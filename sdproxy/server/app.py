@@ -16,9 +16,11 @@ from sdproxy.config import Settings
 from sdproxy.errors import SdproxyError, webui_error_body
 from sdproxy.ops.autosave import Autosaver
 from sdproxy.ops.metrics import Metrics
-from sdproxy.server import routes
+from sdproxy.server import admin, generation, openapi, webui
 from sdproxy.server.accesslog import make_access_middleware
 from sdproxy.server.auth import auth_middleware
+from sdproxy.server.bodies import body_limit_middleware, body_too_large, json_response
+from sdproxy.server.dashboard import cluster_page
 from sdproxy.server.keys import (
     autosave_key,
     benchmarker_key,
@@ -27,8 +29,6 @@ from sdproxy.server.keys import (
     session_key,
     settings_key,
 )
-from sdproxy.server.limits import body_limit_middleware, body_too_large
-from sdproxy.server.routes import json_response
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +131,20 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_cluster)
     app.cleanup_ctx.append(_benchmarks)
     app.cleanup_ctx.append(_autosave)
-    routes.add_routes(app)
+    add_routes(app)
     log.debug("sdproxy %s app created for %d nodes", __version__, len(settings.nodes))
     return app
+
+
+def add_routes(app: web.Application) -> None:
+    """Every route sdproxy serves, in one table."""
+    app.router.add_post("/sdapi/v1/txt2img", generation.txt2img)
+    app.router.add_post("/sdapi/v1/img2img", generation.img2img)
+    app.router.add_get("/cluster/status", admin.cluster_status)
+    app.router.add_post("/cluster/nodes/{name}/disable", admin.disable_node)
+    app.router.add_post("/cluster/nodes/{name}/enable", admin.enable_node)
+    app.router.add_get("/cluster", cluster_page)
+    app.router.add_get("/metrics", admin.prometheus_metrics)
+    webui.add_webui_routes(app)
+    app.router.add_get("/openapi.json", openapi.openapi_json, allow_head=False)
+    app.router.add_post("/cluster/benchmark", admin.cluster_benchmark)

@@ -13,8 +13,8 @@ from typing import Any
 from aiohttp import web
 
 from sdproxy import __version__
+from sdproxy.server.bodies import json_response
 from sdproxy.server.keys import settings_key
-from sdproxy.server.routes import json_response
 
 _ERROR = {"$ref": "#/components/schemas/WebuiError"}
 _JSON: dict[str, Any] = {}  # any JSON value: the node's own answer, passed on

@@ -32,8 +32,8 @@ from sdproxy.errors import (
 )
 from sdproxy.nodes.client import NodeClient
 from sdproxy.nodes.fanout import call_each, combined_error, first_answer
+from sdproxy.server.bodies import json_response, read_body, read_json
 from sdproxy.server.keys import cluster_key, settings_key
-from sdproxy.server.routes import json_response, read_body, read_json
 
 Merge = Callable[[Sequence[Any]], Any]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

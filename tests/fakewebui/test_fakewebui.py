@@ -36,9 +36,9 @@ from sdproxy.fakewebui.model import (
     RequestValidationError,
     validate_request,
 )
+from tests.support import SMALL
 
 Client = TestClient[web.Request, web.Application]
-SMALL = {"width": 64, "height": 64, "steps": 20}
 TITLE = "v1-5-pruned-emaonly.safetensors [6ce0161689]"
 
 

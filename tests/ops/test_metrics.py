@@ -9,9 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sdproxy.cli import free_port
 from sdproxy.fakewebui import FakeNodeSettings, Fault
-from tests.support import fake_nodes, post_json, proxy, wait_until
-
-SMALL = {"width": 64, "height": 64, "steps": 20}
+from tests.support import SMALL, fake_nodes, post_json, proxy, wait_until
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

@@ -19,11 +19,10 @@ from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.core.result import Ok
 
-from sdproxy.cli import start_site
 from sdproxy.config import Settings
 from sdproxy.fakewebui import FakeNodeSettings
 from sdproxy.server.app import create_app
-from sdproxy.server.limits import connection_limits
+from sdproxy.server.site import connection_limits, start_site
 from tests.support import bound_port, fake_nodes
 
 PASSWORD = "fuzz-password-1"

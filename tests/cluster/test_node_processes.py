@@ -9,15 +9,18 @@ import pytest
 
 from sdproxy.fakewebui import FakeNodeSettings
 from tests.support import (
+    SMALL,
+    assert_complete,
+    assert_same_as_one_node,
     fake_nodes,
+    fast,
     node_processes,
     node_state,
     post_json,
     proxy,
+    reference_answer,
     wait_until,
 )
-from tests.test_failover import assert_complete, fast
-from tests.test_generation import SMALL, assert_same_as_one_node, reference_answer
 
 pytestmark = pytest.mark.slow
 

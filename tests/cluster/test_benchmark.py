@@ -13,8 +13,7 @@ from sdproxy.cluster.benchmark import BenchmarkResult, fit_runs, load_state, sav
 from sdproxy.config import Settings, load_settings
 from sdproxy.core.speed import image_work
 from sdproxy.fakewebui import FakeNodeSettings
-from tests.support import fake_nodes, proxy
-from tests.test_scheduling import status_of, wait_for_status
+from tests.support import cluster_status, fake_nodes, proxy, wait_for_status
 
 QUICK = {"steps": 20, "width": 64, "height": 64, "warmup_runs": 1, "timed_runs": 1}
 
@@ -149,7 +148,7 @@ class TestBackgroundBenchmark:
             assert sorted(load_state(state)) == ["a", "b"]
             generations = [n.node.generations for n in nodes]
             async with proxy(nodes, benchmark=bench) as url:
-                status = await status_of(session, url)
+                status = await cluster_status(session, url)
                 assert [n["speed"]["source"] for n in status["nodes"]] == ["benchmark"] * 2
                 assert not any(n["benchmark"]["running"] for n in status["nodes"])
                 assert [n.node.generations for n in nodes] == generations

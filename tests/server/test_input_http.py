@@ -16,9 +16,8 @@ import pytest
 from PIL import Image
 
 from sdproxy.fakewebui import FakeNodeSettings, Fault
-from tests.support import RunningNode, fake_nodes, post_json, proxy
+from tests.support import SMALL, RunningNode, fake_nodes, post_json, proxy
 
-SMALL = {"width": 64, "height": 64, "steps": 20}
 WAIT_S = 30  # generous: the machine is shared; nothing here should take more than a moment
 
 

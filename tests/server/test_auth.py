@@ -14,12 +14,12 @@ import pytest
 import webuiapi
 from aiohttp import web
 
-from sdproxy.cli import start_site
 from sdproxy.config import ServerSettings, Settings
 from sdproxy.errors import NotAuthenticated
 from sdproxy.fakewebui import FakeNodeSettings
 from sdproxy.server.app import create_app
 from sdproxy.server.auth import ClientAuth, needs_credentials
+from sdproxy.server.site import start_site
 from tests.support import RunningNode, bound_port, fake_nodes, proxy
 
 AUTH = {"api_auth": "alice:wonder:land,bob:builder", "api_keys": ["key-0123456789"]}

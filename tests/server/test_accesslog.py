@@ -19,9 +19,7 @@ from sdproxy.cli import free_port
 from sdproxy.fakewebui import FakeNodeSettings
 from sdproxy.logs import JsonFormatter, RequestIdFilter, request_id_var
 from sdproxy.server.accesslog import request_id_for
-from tests.support import fake_nodes, proxy
-
-SMALL = {"width": 64, "height": 64, "steps": 20}
+from tests.support import SMALL, fake_nodes, proxy
 
 
 def access_fields(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:

@@ -9,23 +9,27 @@ from typing import Any
 import aiohttp
 import pytest
 
-from sdproxy.cli import free_port, start_site
+from sdproxy.cli import free_port
 from sdproxy.cluster.scheduler import Cluster
 from sdproxy.config import Settings
 from sdproxy.core.request import parse_generation
 from sdproxy.fakewebui import FakeNode, FakeNodeSettings, Fault, FaultMode, create_fake_app
+from sdproxy.server.site import start_site
 from tests.support import (
+    SMALL,
     RunningNode,
+    assert_complete,
+    assert_same_as_one_node,
     cluster_status,
     fake_nodes,
+    fast,
     node_state,
     post_json,
     proxy,
+    reference_answer,
     wait_until,
 )
-from tests.test_generation import SMALL, assert_same_as_one_node, info_of, reference_answer
 
-# Short timeouts so failures are found fast; generous enough for a loaded machine.
 FAST: dict[str, Any] = {
     "health_interval_s": 0.2,
     "health_timeout_s": 5,
@@ -35,22 +39,6 @@ FAST: dict[str, Any] = {
     "share_timeout_floor_s": 20,
     "wait_for_node_s": 10,
 }
-
-
-def fast(**overrides: Any) -> dict[str, Any]:
-    return {"scheduler": {**FAST, **overrides}}
-
-
-def assert_complete(proxied: dict[str, Any], body: dict[str, Any]) -> None:
-    """Every image is there once: as many images as asked, consecutive distinct seeds."""
-    total = body["batch_size"] * body.get("n_iter", 1)
-    info = info_of(proxied)
-    # With a subseed strength the seed is shared and the subseeds count up instead.
-    key = "subseed" if body.get("subseed_strength") else "seed"
-    first = info[key]
-    assert info[f"all_{key}s"] == list(range(first, first + total))
-    assert len(proxied["images"]) == total
-    assert len(set(proxied["images"])) == total  # distinct seeds render distinct images
 
 
 async def generate_and_compare(

@@ -12,9 +12,16 @@ import pytest
 
 from sdproxy.cli import free_port
 from sdproxy.fakewebui import FakeNodeSettings
-from tests.support import cluster_status, fake_nodes, post_json, proxy, wait_until
-from tests.test_failover import assert_complete, fast
-from tests.test_generation import SMALL
+from tests.support import (
+    SMALL,
+    assert_complete,
+    cluster_status,
+    fake_nodes,
+    fast,
+    post_json,
+    proxy,
+    wait_until,
+)
 
 SLOW_NODE = FakeNodeSettings(name="n0", per_image_s=64.0)  # about 1 s an image at 64 px
 

@@ -13,11 +13,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from sdproxy.cli import start_site
 from sdproxy.config import Settings
 from sdproxy.fakewebui import FakeNodeSettings, Fault
 from sdproxy.server.app import create_app
-from sdproxy.server.limits import connection_limits
+from sdproxy.server.site import connection_limits, start_site
 from tests.support import bound_port, fake_nodes
 
 CLIENT_PASSWORD = "client-pw-7f3a9c"

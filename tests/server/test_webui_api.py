@@ -13,13 +13,12 @@ from typing import Any
 import aiohttp
 from openapi_spec_validator import validate
 
-from sdproxy.cli import start_site
 from sdproxy.core.inventory import REDACTED
 from sdproxy.core.progress import idle_progress
 from sdproxy.fakewebui import FakeNode, FakeNodeSettings, Fault, create_fake_app
-from tests.support import RunningNode, fake_nodes, post_json, proxy
+from sdproxy.server.site import start_site
+from tests.support import SMALL, RunningNode, fake_nodes, post_json, proxy
 
-SMALL = {"width": 64, "height": 64, "steps": 20}
 M1 = "m1.safetensors [1111111111]"
 M2 = "m2.safetensors [2222222222]"
 # 64x64 images at this speed take about 4 s each (0.2 s a step): time to act mid-generation.

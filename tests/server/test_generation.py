@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
-from typing import Any
 
 import aiohttp
 from hypothesis import HealthCheck, given, settings
@@ -13,53 +11,21 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from sdproxy.fakewebui import FakeNodeSettings
-from tests.support import RunningNode, fake_nodes, pixels, post_json, proxy
-
-SMALL = {"width": 64, "height": 64, "steps": 20}
+from tests.support import (
+    SMALL,
+    assert_same_as_one_node,
+    fake_nodes,
+    info_of,
+    post_json,
+    proxy,
+    reference_answer,
+)
 
 
 def png_b64(colour: tuple[int, int, int], size: int = 32) -> str:
     buffer = io.BytesIO()
     Image.new("RGB", (size, size), colour).save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode()
-
-
-def info_of(response: dict[str, Any]) -> dict[str, Any]:
-    info: dict[str, Any] = json.loads(response["info"])
-    return info
-
-
-async def reference_answer(
-    session: aiohttp.ClientSession,
-    node: RunningNode,
-    kind: str,
-    body: dict[str, Any],
-    proxied: dict[str, Any],
-) -> dict[str, Any]:
-    """What one node answers for ``body`` given the seeds sdproxy resolved."""
-    info = info_of(proxied)
-    resolved = dict(body, seed=info["seed"], subseed=info["subseed"])
-    status, answer, _ = await post_json(session, f"{node.url}/sdapi/v1/{kind}", resolved)
-    assert status == 200, answer
-    result: dict[str, Any] = answer
-    return result
-
-
-def assert_same_as_one_node(
-    proxied: dict[str, Any], single: dict[str, Any], body: dict[str, Any]
-) -> None:
-    """Same pixels, same info but job_timestamp, same parameters but the seeds as sent."""
-    assert [pixels(i) for i in proxied["images"]] == [pixels(i) for i in single["images"]]
-    got, want = info_of(proxied), info_of(single)
-    got.pop("job_timestamp")
-    want.pop("job_timestamp")
-    assert list(got) == list(want)
-    assert got == want
-    want_parameters = dict(single["parameters"])
-    for key in ("seed", "subseed"):
-        want_parameters[key] = body.get(key, -1)
-    assert proxied["parameters"] == want_parameters
-    assert list(proxied) == ["images", "parameters", "info"]
 
 
 class TestSplitMatchesOneNode:

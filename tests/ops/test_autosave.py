@@ -17,9 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sdproxy.core.images import png_bytes
 from sdproxy.fakewebui import FakeNodeSettings
 from sdproxy.ops.autosave import Autosaver, images_to_save
-from tests.support import fake_nodes, pixels, post_json, proxy, wait_until
-
-SMALL = {"width": 64, "height": 64, "steps": 20}
+from tests.support import SMALL, fake_nodes, pixels, post_json, proxy, wait_until
 
 
 def response(images: list[str], info: dict[str, Any]) -> dict[str, Any]:

@@ -17,9 +17,15 @@ from sdproxy.config import Settings
 from sdproxy.core.request import parse_generation
 from sdproxy.core.speed import SpeedEstimate
 from sdproxy.fakewebui import FakeNodeSettings, Fault
-from tests.support import RunningNode, fake_nodes, post_json, proxy
-
-SMALL = {"width": 64, "height": 64, "steps": 20}  # 1/64 of a nominal image
+from tests.support import (
+    SMALL,
+    RunningNode,
+    cluster_status,
+    fake_nodes,
+    post_json,
+    proxy,
+    wait_for_status,
+)
 
 
 def stored(node: RunningNode, per_image_s: float, overhead_s: float = 0.0) -> BenchmarkResult:
@@ -36,25 +42,6 @@ def stored(node: RunningNode, per_image_s: float, overhead_s: float = 0.0) -> Be
         overhead_s=overhead_s,
         per_image_s=per_image_s,
     )
-
-
-async def status_of(session: aiohttp.ClientSession, url: str) -> dict[str, Any]:
-    async with session.get(f"{url}/cluster/status") as resp:
-        assert resp.status == 200
-        result: dict[str, Any] = await resp.json()
-        return result
-
-
-async def wait_for_status(
-    session: aiohttp.ClientSession, url: str, predicate: Any, timeout_s: float = 30
-) -> dict[str, Any]:
-    """Poll /cluster/status until ``predicate(status)`` holds."""
-    async with asyncio.timeout(timeout_s):
-        while True:
-            status = await status_of(session, url)
-            if predicate(status):
-                return status
-            await asyncio.sleep(0.02)
 
 
 class TestPlanningFromSpeed:
@@ -82,11 +69,11 @@ class TestPlanningFromSpeed:
             proxy(nodes) as url,
             aiohttp.ClientSession() as session,
         ):
-            before = await status_of(session, url)
+            before = await cluster_status(session, url)
             assert [n["speed"]["source"] for n in before["nodes"]] == ["weight", "weight"]
             assert before["max_queued_images"] == 4000
             await post_json(session, f"{url}/sdapi/v1/txt2img", {"batch_size": 4, **SMALL})
-            after = await status_of(session, url)
+            after = await cluster_status(session, url)
             for node in after["nodes"]:
                 assert node["speed"]["source"] == "measured"
                 assert node["speed"]["samples"] == 1

@@ -1,0 +1,118 @@
+"""The /cluster routes and /metrics: node status, node controls, benchmarks, Prometheus."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiohttp import web
+
+from sdproxy import __version__
+from sdproxy.cluster.benchmark import Benchmarker
+from sdproxy.cluster.scheduler import Cluster
+from sdproxy.errors import NotFound
+from sdproxy.nodes.client import NodeClient
+from sdproxy.ops import metrics
+from sdproxy.server.bodies import json_response
+from sdproxy.server.dashboard import in_flight
+from sdproxy.server.keys import benchmarker_key, cluster_key, metrics_key
+
+
+def node_status(
+    cluster: Cluster, benchmarker: Benchmarker, client: NodeClient, now: float
+) -> dict[str, Any]:
+    """One node's entry in /cluster/status (times are Unix seconds)."""
+    stats, health = client.stats, client.health
+    lane = cluster.lanes[client.name]
+    estimate = cluster.estimate(lane)
+    result = benchmarker.results.get(client.name)
+    models = cluster.models.nodes[client.name]  # what the last read of its lists found
+    return {
+        "name": client.name,
+        "url": client.settings.base_url,
+        "state": health.state,
+        "state_reason": health.state_reason,
+        "healthy": client.usable,
+        "weight": client.settings.weight,
+        "speed_estimate": round(metrics.speed_estimate(cluster, client), 4),
+        "max_batch_size": client.settings.max_batch_size,
+        "images_rendered": stats.images_rendered,
+        "requests_sent": stats.requests_sent,
+        "queued_images": lane.queued_images,
+        "consecutive_failures": health.consecutive_failures,
+        "last_error": health.last_error,
+        "last_error_at": health.last_error_at,
+        "last_ok_at": health.last_ok_at,
+        "next_probe_at": None if health.up else health.next_probe_at,
+        "models": [entry["title"] for entry in models.entries or () if "title" in entry],
+        "current_model": models.loaded,
+        "backlog_s": round(lane.backlog_s(now), 3),
+        "speed": {
+            "source": estimate.source,
+            "overhead_s": round(estimate.overhead_s, 4),
+            "per_image_s": round(estimate.per_unit_s, 4),  # 20 steps at 512x512
+            "samples": estimate.samples,
+        },
+        "benchmark": {
+            "running": client.name in benchmarker.running,
+            "measured_at": result.measured_at if result else None,
+            "checkpoint": result.checkpoint if result else None,
+            "overhead_s": round(result.overhead_s, 4) if result else None,
+            "per_image_s": round(result.per_image_s, 4) if result else None,
+            "error": benchmarker.errors.get(client.name),
+        },
+    }
+
+
+async def cluster_status(request: web.Request) -> web.Response:
+    """GET /cluster/status: every node, its health and what it rendered."""
+    cluster = request.app[cluster_key]
+    benchmarker = request.app[benchmarker_key]
+    now = asyncio.get_running_loop().time()
+    nodes = [node_status(cluster, benchmarker, client, now) for client in cluster.clients]
+    return json_response(
+        {
+            "version": __version__,
+            "queued_images": cluster.queued_images(),
+            "max_queued_images": cluster.settings.scheduler.max_queued_images,
+            "waiting_images": cluster.waiting_images,
+            "nodes": nodes,
+            "in_flight": in_flight(cluster),
+        }
+    )
+
+
+async def _one_node(request: web.Request, client: NodeClient) -> web.Response:
+    now = asyncio.get_running_loop().time()
+    cluster, benchmarker = request.app[cluster_key], request.app[benchmarker_key]
+    return json_response(node_status(cluster, benchmarker, client, now))
+
+
+async def disable_node(request: web.Request) -> web.Response:
+    """POST /cluster/nodes/{name}/disable: no new work for the node until enabled."""
+    client = request.app[cluster_key].disable(request.match_info["name"])
+    return await _one_node(request, client)
+
+
+async def enable_node(request: web.Request) -> web.Response:
+    """POST /cluster/nodes/{name}/enable: the node takes work again (probed at once)."""
+    client = request.app[cluster_key].enable(request.match_info["name"])
+    return await _one_node(request, client)
+
+
+async def cluster_benchmark(request: web.Request) -> web.Response:
+    """Re-run the benchmark of every node, or of ``?node=NAME``, in the background: 202."""
+    cluster = request.app[cluster_key]
+    wanted = request.query.get("node")
+    if wanted is not None and wanted not in cluster.lanes:
+        raise NotFound(f"no node named {wanted!r}")
+    names = [wanted] if wanted is not None else list(cluster.lanes)
+    benchmarker = request.app[benchmarker_key]
+    started = benchmarker.start(names)
+    running = sorted(benchmarker.running)
+    return json_response({"started": started, "running": running}, status=202)
+
+
+async def prometheus_metrics(request: web.Request) -> web.Response:
+    text = request.app[metrics_key].render(request.app.get(cluster_key))
+    return web.Response(body=text, headers={"Content-Type": metrics.CONTENT_TYPE})

@@ -1,0 +1,84 @@
+"""POST /sdapi/v1/txt2img and img2img: parse, check images, run on the cluster, answer."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from sdproxy.config import ServerSettings
+from sdproxy.core import images
+from sdproxy.core.request import (
+    GenerationRequest,
+    InputLimits,
+    Kind,
+    decodable_images,
+    parse_generation,
+)
+from sdproxy.errors import RequestValidationError, validation_error
+from sdproxy.server.accesslog import Outcome, outcome_key
+from sdproxy.server.bodies import read_json
+from sdproxy.server.keys import autosave_key, cluster_key, settings_key
+
+SHARES_HEADER = "X-Sdproxy-Shares"
+
+
+def format_shares(shares: list[tuple[str, int, int]]) -> str:
+    """``gpu-a:0-3,gpu-b:4-5``: which node rendered which image indices (inclusive)."""
+    return ",".join(f"{node}:{first}-{last}" for node, first, last in shares)
+
+
+def input_limits(server: ServerSettings) -> InputLimits:
+    return InputLimits(
+        max_width=server.max_width,
+        max_height=server.max_height,
+        max_steps=server.max_steps,
+        allow_image_urls=server.allow_image_urls,
+    )
+
+
+async def check_images(request: GenerationRequest, server: ServerSettings) -> None:
+    """422 naming every init image or mask that does not decode, before any node sees it."""
+    max_pixels = int(server.max_input_megapixels * 1e6)
+
+    def check_all() -> list[dict[str, Any]]:
+        errors = []
+        for loc, data in decodable_images(request):
+            reason = images.check_b64_image(data, max_pixels)
+            if reason is not None:
+                errors.append(validation_error(loc, reason, "value_error.image"))
+        return errors
+
+    errors = await asyncio.to_thread(check_all)
+    if errors:
+        raise RequestValidationError(errors)
+
+
+async def _generate(request: web.Request, kind: Kind) -> web.Response:
+    server = request.app[settings_key].server
+    body = await read_json(request)
+    generation = parse_generation(
+        kind, body, max_images=server.max_images_per_request, limits=input_limits(server)
+    )
+    await check_images(generation, server)
+    result = await request.app[cluster_key].generate(generation)
+    headers = {SHARES_HEADER: format_shares(result.shares)} if result.shares else None
+    # Tens of MB of base64 for a large batch: encode it off the event loop.
+    encoded = await asyncio.to_thread(orjson.dumps, result.body)
+    response = web.Response(body=encoded, headers=headers, content_type="application/json")
+    request[outcome_key] = Outcome(generation.total_images, result.shares)
+    if autosave_key in request.app:
+        request.app[autosave_key].submit(result.body, result.shares)
+    return response
+
+
+async def txt2img(request: web.Request) -> web.Response:
+    """POST /sdapi/v1/txt2img, split over the healthy nodes and merged."""
+    return await _generate(request, "txt2img")
+
+
+async def img2img(request: web.Request) -> web.Response:
+    """POST /sdapi/v1/img2img, split over the healthy nodes and merged."""
+    return await _generate(request, "img2img")
