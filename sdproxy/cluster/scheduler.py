@@ -20,7 +20,6 @@ import asyncio
 import logging
 import math
 import random
-import statistics
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -36,9 +35,17 @@ from sdproxy.cluster.parking import Parking
 from sdproxy.config import Settings
 from sdproxy.core import images
 from sdproxy.core.merge import Merged, merge_parts, with_grid
-from sdproxy.core.planner import Chunk, NodeLoad, Share, chunk_share, plan_under_load
+from sdproxy.core.planner import (
+    Chunk,
+    NodeLoad,
+    Share,
+    Traffic,
+    chunk_share,
+    plan_under_load,
+    vary_for_learning,
+)
 from sdproxy.core.request import GenerationRequest, resolve_seeds
-from sdproxy.core.speed import NOMINAL_PER_UNIT_S, SpeedEstimate, work_per_image
+from sdproxy.core.speed import Prior, SpeedEstimate, cluster_prior, work_per_image
 from sdproxy.errors import (
     GenerationFailed,
     NodeError,
@@ -87,6 +94,7 @@ class Cluster:
         self._tasks: list[asyncio.Task[None]] = []
         self._wakes = {client.name: asyncio.Event() for client in self.clients}
         self.parking = Parking(settings.scheduler.wait_for_node_s, self._no_node)
+        self._finished_at: deque[float] = deque(maxlen=256)  # loop times requests ended
 
     async def start(self) -> None:
         """Probe every node once, then start the lanes and one health watcher per node."""
@@ -131,8 +139,8 @@ class Cluster:
     # --- speed -----------------------------------------------------------------------------
 
     def estimate(self, lane: Lane) -> SpeedEstimate:
-        """The lane's speed; an unmeasured node is scaled like the measured ones, by weight."""
-        return lane.model.estimate(self._nominal_per_unit_s())
+        """The lane's speed; what its own measurements leave open comes from the other nodes."""
+        return lane.model.estimate(self._prior())
 
     def predict_s(self, lane: Lane, work: float, requests: int = 1) -> float:
         return self.estimate(lane).predict_s(work, requests)
@@ -152,7 +160,7 @@ class Cluster:
         requests = (
             1 if limit is None else max(1, len(chunk_share(Share(node, 0, images // unit), limit)))
         )
-        return lane.model.estimate().predict_s(images * work_per_image(request), requests)
+        return self.estimate(lane).predict_s(images * work_per_image(request), requests)
 
     def share_deadline_s(self, node: str, request: GenerationRequest, images: int) -> float:
         """How long one node request may take before the node counts as failed."""
@@ -162,14 +170,9 @@ class Cluster:
             return scheduler.share_timeout_floor_s
         return max(scheduler.share_timeout_floor_s, scheduler.share_timeout_factor * predicted)
 
-    def _nominal_per_unit_s(self) -> float:
-        """Seconds per unit at weight 1, as the measured nodes show it (or a nominal guess)."""
-        measured = [
-            lane.model.estimate().per_unit_s * lane.model.weight
-            for lane in self.lanes.values()
-            if lane.model.measured
-        ]
-        return statistics.median(measured) if measured else NOMINAL_PER_UNIT_S
+    def _prior(self) -> Prior:
+        """Overhead and seconds per unit at weight 1 as the measured nodes show them."""
+        return cluster_prior(lane.model for lane in self.lanes.values())
 
     # --- requests --------------------------------------------------------------------------
 
@@ -205,6 +208,7 @@ class Cluster:
             raise
         finally:
             self.runs.discard(run)
+            self._finished_at.append(asyncio.get_running_loop().time())
         if run.error is not None:
             raise run.error
         if not request.splittable:
@@ -252,6 +256,7 @@ class Cluster:
             if limit == 0:
                 continue
             estimate = self.estimate(lane)
+            seen = lane.model.single_work
             loads.append(
                 NodeLoad(
                     client.name,
@@ -259,6 +264,7 @@ class Cluster:
                     per_unit_s=estimate.per_unit_s * unit_work,
                     backlog_s=lane.backlog_s(now),
                     batch_limit=limit,
+                    seen_units=seen / unit_work if seen is not None else None,
                 )
             )
         if not loads:
@@ -266,15 +272,11 @@ class Cluster:
                 f"no healthy node takes {request.width}x{request.height} images "
                 "within its max_pixels"
             )
-        # On a busy cluster each extra node request delays the work queued behind it on that
-        # node by its overhead: penalty len(loads) counts every overhead second in full (the
-        # planner divides by the node count). Measured in benchmarks/makespan.py against a
-        # penalty of 1: concurrent makespans 1.37 -> 1.11, 3.07 -> 2.97, 0.92 -> 0.81 and
-        # 2.27 -> 2.32 s; single requests on an idle cluster are planned as before.
-        busy = any(load.backlog_s > 0 for load in loads) or any(
-            other is not run and not other.finished for other in self.runs
+        traffic = Traffic(
+            in_flight=sum(1 for other in self.runs if other is not run and not other.finished),
+            finished_ago_s=tuple(now - at for at in self._finished_at),
         )
-        return plan_under_load(units, loads, start, penalty=float(len(loads)) if busy else 0.0)
+        return vary_for_learning(plan_under_load(units, loads, start, traffic=traffic), loads)
 
     def batch_limit(self, lane: Lane, request: GenerationRequest) -> int | None:
         """Units one node request of ``lane`` may carry: None for whole-batch units, 0 for none.
