@@ -75,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fake.add_argument("--api-auth", default=None, help="user:pass[,user2:pass2], like the webui")
     fake.add_argument(
+        "--realistic-images",
+        action="store_true",
+        help="return PNGs as large as a webui's (about 400 KB at 512x512, 1.6 MB at 1024x1024)",
+    )
+    fake.add_argument(
         "--fail-mode",
         choices=["none", "error500", "hang", "reset", "truncated", "exit", "slow"],
         default="none",
@@ -140,6 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 per_image_s=args.per_image_s,
                 overhead_s=args.overhead_s,
                 api_auth=args.api_auth,
+                realistic_images=args.realistic_images,
             )
             if args.models:
                 fake.models = args.models
