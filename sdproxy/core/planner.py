@@ -121,13 +121,17 @@ def overhead_weight(units: int, nodes: Sequence[NodeLoad], traffic: Traffic) -> 
     splits well so: benchmarks/makespan.py), and once more for every request expected before
     this one is done, because every extra node request delays each of them by its overhead.
     Those are estimated from the recent past: as many as finished within the time the request
-    takes on the node that would finish it whole first, and no more than are in flight. A
-    steady stream (clients sending a new request as each answer comes) thus keeps requests
-    whole, while a burst after a quiet spell, with no recent finishes, is split to end it early.
+    takes on the node that would finish it whole first, and no more than are in flight; and at
+    least the other requests in flight per node (clients with requests in flight tend to send
+    more: the opening burst of many clients is not split as if it were all there is). A steady
+    stream (clients sending a new request as each answer comes) thus keeps requests whole,
+    while a small burst after a quiet spell is split to end it early.
     """
     busy = traffic.in_flight > 0 or any(node.backlog_s > 0 for node in nodes)
-    horizon_s = min((share_time_s(node, units) for node in nodes), default=0.0)
-    return (1.0 if busy else 0.0) + traffic.followers(horizon_s)
+    if not busy or not nodes:
+        return 0.0
+    horizon_s = min(share_time_s(node, units) for node in nodes)
+    return 1.0 + max(traffic.followers(horizon_s), traffic.in_flight / len(nodes))
 
 
 def plan_under_load(

@@ -189,10 +189,11 @@ class TestOverheadWeight:
         assert overhead_weight(4, nodes, Traffic()) == 0.0
 
     def test_overhead_weight_busy_counts_once(self) -> None:
-        """A backlog or another request in flight: each overhead second counts in full."""
+        """A backlog: each overhead second counts in full; requests in flight add per node."""
         nodes = [NodeLoad("a", 0.3, 0.1, backlog_s=1.0), NodeLoad("b", 0.3, 0.2)]
         assert overhead_weight(4, nodes, Traffic()) == 1.0
-        assert overhead_weight(4, nodes[1:], Traffic(in_flight=2)) == 1.0
+        assert overhead_weight(4, nodes, Traffic(in_flight=1)) == 1.5
+        assert overhead_weight(4, nodes[1:], Traffic(in_flight=2)) == 3.0
 
     def test_overhead_weight_adds_followers_within_the_horizon(self) -> None:
         """Requests that finished within the best whole finish count as followers."""
@@ -200,6 +201,7 @@ class TestOverheadWeight:
         # Whole on a: 1.0 + 0.3 + 0.4 = 1.7 s; on b: 2.3 s. Finishes 0.5 and 1.6 s ago count.
         traffic = Traffic(in_flight=3, finished_ago_s=(0.5, 1.6, 1.8, 9.0))
         assert overhead_weight(4, nodes, traffic) == 3.0
+        assert overhead_weight(4, nodes, Traffic(in_flight=3)) == 2.5  # 3 in flight, 2 nodes
 
     def test_overhead_weight_one_client_in_a_loop_follows_nobody(self) -> None:
         """A request that just finished, and nothing else in flight: no follower."""
@@ -294,8 +296,8 @@ class TestPlanUnderLoad:
             NodeLoad("b", 0.3, 0.8, backlog_s=3.0),
             NodeLoad("c", 0.3, 1.6, backlog_s=2.0),
         ]
-        burst = plan_under_load(4, nodes, traffic=Traffic(in_flight=7))
-        assert len(burst) == 2  # no recent finishes: a burst, split to end it early
+        burst = plan_under_load(4, nodes, traffic=Traffic(in_flight=1))
+        assert len(burst) == 2  # no recent finishes, little in flight: split to end it early
         stream = Traffic(in_flight=7, finished_ago_s=(0.1, 1.0, 2.0, 3.1, 4.0, 5.5, 6.0))
         assert plan_under_load(4, nodes, traffic=stream) == [Share("b", 0, 4)]
 
