@@ -38,6 +38,7 @@ class Run:
     seeds: Seeds
     parts: list[Part] = field(default_factory=list)
     whole: Any = None  # the raw answer of an unsplit (script) request
+    whole_node: str | None = None  # the node that rendered it
     remaining: int = 0
     redispatches: int = 0
     failures: dict[str, str] = field(default_factory=dict)
@@ -68,9 +69,9 @@ class Run:
         if self.remaining <= 0:
             self.done.set()
 
-    def complete_whole(self, response: Any) -> None:
+    def complete_whole(self, response: Any, node: str) -> None:
         if not self.finished:
-            self.whole = response
+            self.whole, self.whole_node = response, node
             self.done.set()
 
     def fail(self, error: SdproxyError) -> None:
@@ -195,7 +196,7 @@ class Lane:
             if not run.interrupted:  # a short, interrupted answer says nothing of the speed
                 self.model.observe(job.work, time.perf_counter() - started)
             if job.whole:
-                run.complete_whole(response)
+                run.complete_whole(response, client.name)
                 self._succeeded()
                 metrics.observe_job(client.name, "ok", time.perf_counter() - started)
                 self._cluster.blame(job)

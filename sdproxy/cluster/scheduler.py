@@ -35,8 +35,9 @@ from sdproxy.cluster.lanes import Job, Lane, Run
 from sdproxy.cluster.parking import Parking
 from sdproxy.config import Settings
 from sdproxy.core import images
-from sdproxy.core.merge import Merged, merge_parts, with_grid
+from sdproxy.core.merge import Merged, merge_parts, whole_shares, with_grid
 from sdproxy.core.planner import Chunk, NodeLoad, Share, chunk_share, plan_under_load
+from sdproxy.core.progress import FinishedJob, finished_job
 from sdproxy.core.request import GenerationRequest, resolve_seeds
 from sdproxy.core.speed import NOMINAL_PER_UNIT_S, SpeedEstimate, work_per_image
 from sdproxy.errors import (
@@ -87,6 +88,7 @@ class Cluster:
         self._tasks: list[asyncio.Task[None]] = []
         self._wakes = {client.name: asyncio.Event() for client in self.clients}
         self.parking = Parking(settings.scheduler.wait_for_node_s, self._no_node)
+        self.last_run: FinishedJob | None = None  # what an idle /progress still shows
 
     async def start(self) -> None:
         """Probe every node once, then start the lanes and one health watcher per node."""
@@ -208,14 +210,18 @@ class Cluster:
         if run.error is not None:
             raise run.error
         if not request.splittable:
-            return GenerationResult(run.whole, [])
+            self.last_run = finished_job(request, run.whole, interrupted=run.interrupted)
+            shares = whole_shares(run.whole_node, run.whole, request.total_images)
+            return GenerationResult(run.whole, shares)
         if not run.parts:  # interrupted, and the nodes it was on failed
             why = "interrupted, and no node returned an image"
             raise GenerationFailed(f"generation failed: {why}", failures=dict(run.failures))
         merged = merge_parts(request, seeds, run.parts, partial=run.interrupted)
         if merged.grid_wanted:
             merged = await self._add_grid(merged, request)
-        return GenerationResult(merged.to_json_dict(), merged.shares)
+        body = merged.to_json_dict()
+        self.last_run = finished_job(request, body, interrupted=run.interrupted)
+        return GenerationResult(body, merged.shares)
 
     def queued_images(self) -> int:
         return sum(lane.queued_images for lane in self.lanes.values())

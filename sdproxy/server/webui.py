@@ -256,7 +256,11 @@ async def skip(request: web.Request) -> web.Response:
 
 
 async def progress(request: web.Request) -> web.Response:
-    """GET /sdapi/v1/progress over the nodes working for the running requests."""
+    """GET /sdapi/v1/progress: the running request as one webui shows its current job.
+
+    With several requests rendering at once, the oldest is the job shown, as on a webui the
+    others would wait in its queue. Idle, the state keeps the last request's figures.
+    """
     raw = request.query.get("skip_current_image", "false")
     skip_image = parse_bool(raw)
     if skip_image is None:
@@ -269,25 +273,31 @@ async def progress(request: web.Request) -> web.Response:
                 )
             ]
         )
-    running = _cluster(request).running_jobs()
+    cluster = _cluster(request)
+    running = cluster.running_jobs()
     if not running:
-        return json_response(idle_progress())
-    runs = {job.run for _, job in running}
+        return json_response(idle_progress(cluster.last_run))
+    run = min((job.run for _, job in running), key=lambda r: r.started_at)
+    lanes = [lane for lane, job in running if job.run is run]
     params = {"skip_current_image": "true" if skip_image else "false"}
     timeout_s = _read_timeout_s(request)
     answers, _ = await call_each(
-        [lane.client for lane, _ in running],
+        [lane.client for lane in lanes],
         lambda c: c.request("GET", "sdapi/v1/progress", params=params, timeout_s=timeout_s),
     )
     nodes = [
         NodeProgress(job.chunk.images, _dict_or_none(answers.get(lane.client.name)))
         for lane, job in running
+        if job.run is run
     ]
-    total = sum(run.request.total_images for run in runs)
     # Images still to come (rendering or queued) are the run's remaining ones.
-    done = sum(run.request.total_images - max(run.remaining, 0) for run in runs)
+    done = run.request.total_images - max(run.remaining, 0)
     body = aggregate_progress(
-        nodes, done_images=max(done, 0), total_images=total, skip_current_image=skip_image
+        run.request,
+        nodes,
+        done_images=max(done, 0),
+        interrupted=run.interrupted,
+        skip_current_image=skip_image,
     )
     return json_response(body)
 
