@@ -16,6 +16,8 @@ import aiohttp
 import pytest
 
 from sdproxy.cli import build_parser, free_port
+from sdproxy.fakewebui import FakeNodeSettings
+from tests.support import fake_nodes, wait_until
 
 
 @asynccontextmanager
@@ -250,3 +252,31 @@ class TestDemo:
         async with asyncio.timeout(30):
             code = await process.wait()
         assert code == 0
+
+
+class TestStateDirectory:
+    """Serving from the environment alone keeps benchmark results in the state directory."""
+
+    async def test_environment_only_serve_stores_benchmarks_in_state_dir(
+        self, tmp_path: Path
+    ) -> None:
+        """With STATE_DIR set (as the image sets it), the start-up benchmark is stored there."""
+        state = tmp_path / "state" / "sdproxy-state.json"
+        async with fake_nodes(FakeNodeSettings(name="a")) as nodes:
+            env = {
+                "SDPROXY_NODES": json.dumps([{"name": "a", "url": nodes[0].url}]),
+                "SDPROXY_SERVER__PORT": str(free_port()),
+                "SDPROXY_BENCHMARK__STATE_DIR": str(tmp_path / "state"),
+                "SDPROXY_BENCHMARK__STEPS": "1",
+                "SDPROXY_BENCHMARK__WIDTH": "64",
+                "SDPROXY_BENCHMARK__HEIGHT": "64",
+                "SDPROXY_BENCHMARK__WARMUP_RUNS": "0",
+                "SDPROXY_BENCHMARK__TIMED_RUNS": "1",
+            }
+            async with running(["serve"], env) as (process, _):
+                await wait_until(state.is_file, "the benchmark results stored")
+                process.send_signal(signal.SIGINT)
+                async with asyncio.timeout(30):
+                    assert await process.wait() == 0
+        stored = json.loads(state.read_text())
+        assert list(stored["benchmarks"]) == ["a"]
