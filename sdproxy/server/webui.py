@@ -290,6 +290,11 @@ async def progress(request: web.Request) -> web.Response:
         for lane, job in running
         if job.run is run
     ]
+    whole = [node.answer for node in nodes if node.answer is not None]
+    if not run.request.splittable and whole:
+        # A script request runs whole on one webui: its own progress is the job's (a script
+        # such as X/Y/Z plot sets its own job_count).
+        return json_response(whole[0])
     # Images still to come (rendering or queued) are the run's remaining ones.
     done = run.request.total_images - max(run.remaining, 0)
     body = aggregate_progress(

@@ -128,3 +128,36 @@ class TestSplitRequest:
             "7",
             "9",
         ]
+
+
+class TestScriptRequest:
+    """An unsplit script request is one node's job, shown as that node shows it."""
+
+    async def test_script_request_progress_is_its_nodes(self) -> None:
+        """A script_name request runs whole on one node: /progress is that node's own."""
+        async with (
+            fake_nodes(
+                FakeNodeSettings(name="a", per_image_s=SLOW / 8),
+                FakeNodeSettings(name="b", per_image_s=SLOW / 8),
+            ) as nodes,
+            proxy(nodes) as url,
+            aiohttp.ClientSession() as session,
+        ):
+            script = nodes[0].node.settings.scripts_txt2img[0]
+            body = dict(SMALL, batch_size=1, n_iter=3, script_name=script)
+            task = asyncio.create_task(post_json(session, f"{url}/sdapi/v1/txt2img", body))
+            await wait_until(lambda: any(rendering(n) for n in nodes), "a node rendering")
+            [node] = [n for n in nodes if rendering(n)]
+            while True:
+                before = await get_progress(session, node.url)
+                through = await get_progress(session, url)
+                after = await get_progress(session, node.url)
+                for answer in (before, through, after):
+                    answer.pop("eta_relative")
+                if before == after:
+                    break
+            assert through == before
+            assert through["state"]["job_count"] == 3
+            status, _, headers = await task
+        assert status == 200
+        assert headers["X-Sdproxy-Shares"].startswith(f"{node.name}:0-")
