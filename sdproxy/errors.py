@@ -16,6 +16,7 @@
     │   └── UnknownCheckpoint       422 (the webui's 500 body): POST options names no model
     ├── NoNodeAvailable             503: no healthy node can take the work
     ├── RequestTimeout              504: the request's overall deadline passed
+    ├── InternalError               500: a bug in sdproxy met the request twice (request id)
     ├── GenerationFailed            502: shares failed and no node could take them over
     ├── NodesFailed                 502: a call sent to every node failed on some
     └── NodeError                   one call to one node failed
@@ -177,6 +178,15 @@ class RequestTimeout(SdproxyError):
     """The request's overall deadline passed before every image was rendered."""
 
     status = 504
+
+
+class InternalError(SdproxyError):
+    """sdproxy itself failed on a request (a bug, logged with its traceback and request id).
+
+    A job whose handling raises is tried once more on another node; a second failure gives up.
+    """
+
+    status = 500
 
 
 class _NodeFailures(SdproxyError):

@@ -21,6 +21,7 @@ from PIL import Image
 
 from sdproxy.config import Settings
 from sdproxy.fakewebui import FakeNode, FakeNodeSettings, create_fake_app
+from sdproxy.server.keys import cluster_key
 from sdproxy.server.site import start_proxy, start_site
 
 SMALL = {"width": 64, "height": 64, "steps": 20}  # 1/64 of a nominal image: renders fast
@@ -63,6 +64,8 @@ async def proxy(
     """Start sdproxy in front of ``nodes`` and yield its base URL.
 
     No background benchmark unless ``benchmark`` says so: it would send nodes extra requests.
+    When the test is done with it, every image of every request still in flight must have
+    exactly one owner (a queued or running job, or parked work): the scheduler's invariant.
     """
     node_list = [{"name": n.name, "url": n.url} if isinstance(n, RunningNode) else n for n in nodes]
     sections.setdefault("benchmark", {"on_start": False})
@@ -70,6 +73,7 @@ async def proxy(
     runner = await start_proxy(settings, "127.0.0.1", 0)
     try:
         yield f"http://127.0.0.1:{bound_port(runner)}"
+        assert runner.app[cluster_key].ownership_problems() == []
     finally:
         await runner.cleanup()
 

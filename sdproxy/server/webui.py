@@ -27,7 +27,6 @@ from sdproxy.errors import (
     NoNodeAvailable,
     NotSupported,
     RequestValidationError,
-    UnknownCheckpoint,
     validation_error,
 )
 from sdproxy.nodes.client import NodeClient
@@ -99,7 +98,7 @@ def _cluster(request: web.Request) -> Cluster:
 
 
 def _healthy(request: web.Request) -> list[NodeClient]:
-    healthy = _cluster(request).healthy_clients()
+    healthy = _cluster(request).usable_clients()
     if not healthy:
         raise NoNodeAvailable("no healthy node: every node is down or unreachable")
     return healthy
@@ -130,15 +129,17 @@ def merged_get(path: str, merge: Merge) -> Handler:
         healthy = _healthy(request)
         timeout_s = _read_timeout_s(request)
         answers, errors = await call_each(
-            healthy, lambda c: c.request("GET", f"sdapi/v1/{path}", timeout_s=timeout_s)
+            healthy,
+            lambda c: c.request("GET", f"sdapi/v1/{path}", timeout_s=timeout_s),
+            _cluster(request).note_failure,
         )
         if not answers:
             raise combined_error(f"GET {path}", errors, answered=0)
         if path == "sd-models":
-            catalog = _cluster(request).models
+            router = _cluster(request).router
             for client in healthy:
                 if client.name in answers:
-                    catalog.record_entries(client, answers[client.name])
+                    router.record_entries(client.name, answers[client.name])
         # Config order, so that "the first node's entry wins" is the same on every call.
         ordered = [answers[c.name] for c in healthy if c.name in answers]
         return json_response(merge(ordered))
@@ -151,13 +152,14 @@ def one_node_get(path: str) -> Handler:
     async def handler(request: web.Request) -> web.Response:
         clients = _healthy(request)
         if path == "options":  # a node on the cluster's checkpoint tells it right
-            catalog = _cluster(request).models
-            clients.sort(key=lambda c: not catalog.on_cluster_checkpoint(c))
+            router = _cluster(request).router
+            clients.sort(key=lambda c: not router.on_cluster_checkpoint(c.name))
         params = dict(request.query)
         timeout_s = _read_timeout_s(request)
         answer = await first_answer(
             clients,
             lambda c: c.request("GET", f"sdapi/v1/{path}", params=params, timeout_s=timeout_s),
+            _cluster(request).note_failure,
         )
         if path == "cmd-flags" and isinstance(answer, dict):
             answer = redact_flags(answer)
@@ -175,11 +177,13 @@ def fan_out_post(path: str) -> Handler:
         healthy = _healthy(request)
         timeout_s = _write_timeout_s(request)
         answers, errors = await call_each(
-            healthy, lambda c: c.request("POST", f"sdapi/v1/{path}", timeout_s=timeout_s)
+            healthy,
+            lambda c: c.request("POST", f"sdapi/v1/{path}", timeout_s=timeout_s),
+            _cluster(request).note_failure,
         )
         succeeded = [c for c in healthy if c.name in answers]
         if path == "refresh-checkpoints":
-            await _cluster(request).models.refresh_all(succeeded)
+            await _cluster(request).router.refresh_all([c.name for c in succeeded])
         # unload-checkpoint leaves the node's sd_model_checkpoint option, which is what routing
         # goes by: its next generation loads that checkpoint again.
         if errors:
@@ -197,47 +201,16 @@ async def set_options(request: web.Request) -> web.Response:
         raise RequestValidationError(
             [validation_error(["body"], "value is not a valid dict", "type_error.dict")]
         )
-    healthy = _healthy(request)
-    catalog = _cluster(request).models
-    name = body.get("sd_model_checkpoint")
-    having: list[NodeClient] = []
-    bodies = {client.name: body for client in healthy}
-    if name is not None:
-        if isinstance(name, str):
-            await catalog.refresh_all([c for c in healthy if catalog.nodes[c.name].entries is None])
-            having = [c for c in healthy if catalog.entry(c, name, closest=False)]
-            if not having:  # a checkpoint added since the lists were read
-                await catalog.refresh_all(healthy)
-                having = [c for c in healthy if catalog.entry(c, name, closest=False)]
-        if not having:
-            raise UnknownCheckpoint(f"model {name!r} not found")
-        # Nodes without the checkpoint get the other options; routing keeps its work off them.
-        rest = {key: value for key, value in body.items() if key != "sd_model_checkpoint"}
-        bodies = {c.name: body if c in having else rest for c in healthy}
-    targets = [c for c in healthy if bodies[c.name]]
-    timeout_s = _write_timeout_s(request)
-    answers, errors = await call_each(
-        targets,
-        lambda c: c.request("POST", "sdapi/v1/options", bodies[c.name], timeout_s=timeout_s),
-    )
-    if isinstance(name, str) and any(c.name in answers for c in having):
-        for client in having:
-            if client.name in answers:
-                catalog.record_loaded(client, name)
-        catalog.checkpoint = name
-    if errors:
-        raise combined_error("POST options", errors, answered=len(answers))
+    usable = [client.name for client in _healthy(request)]
+    await _cluster(request).router.apply_options(body, usable)
     return json_response(None)
 
 
 # --- the running requests ------------------------------------------------------------------------
 
 
-async def _tell(request: web.Request, clients: list[NodeClient], path: str) -> None:
-    timeout_s = _read_timeout_s(request)
-    answers, errors = await call_each(
-        clients, lambda c: c.request("POST", f"sdapi/v1/{path}", timeout_s=timeout_s)
-    )
+async def _tell(request: web.Request, nodes: list[str], path: str) -> None:
+    answers, errors = await _cluster(request).tell(nodes, path)
     if errors:
         raise combined_error(f"POST {path}", errors, answered=len(answers))
 
@@ -250,8 +223,8 @@ async def interrupt(request: web.Request) -> web.Response:
 
 async def skip(request: web.Request) -> web.Response:
     """POST /sdapi/v1/skip: the nodes working for running requests skip their current batch."""
-    clients = [lane.client for lane, _ in _cluster(request).running_jobs()]
-    await _tell(request, clients, "skip")
+    nodes = [node for node, _ in _cluster(request).running_jobs()]
+    await _tell(request, nodes, "skip")
     return json_response(None)
 
 
@@ -275,14 +248,13 @@ async def progress(request: web.Request) -> web.Response:
     runs = {job.run for _, job in running}
     params = {"skip_current_image": "true" if skip_image else "false"}
     timeout_s = _read_timeout_s(request)
+    cluster = _cluster(request)
     answers, _ = await call_each(
-        [lane.client for lane, _ in running],
+        [cluster.clients[node] for node, _ in running],
         lambda c: c.request("GET", "sdapi/v1/progress", params=params, timeout_s=timeout_s),
+        cluster.note_failure,
     )
-    nodes = [
-        NodeProgress(job.chunk.images, _dict_or_none(answers.get(lane.client.name)))
-        for lane, job in running
-    ]
+    nodes = [NodeProgress(job.images, _dict_or_none(answers.get(node))) for node, job in running]
     total = sum(run.request.total_images for run in runs)
     # Images still to come (rendering or queued) are the run's remaining ones.
     done = sum(run.request.total_images - max(run.remaining, 0) for run in runs)
@@ -315,6 +287,7 @@ def one_node_post(path: str) -> Handler:
         answer = await first_answer(
             _least_busy(request),
             lambda c: c.request("POST", f"sdapi/v1/{path}", body, timeout_s=timeout_s),
+            _cluster(request).note_failure,
         )
         return json_response(answer)
 
@@ -333,6 +306,7 @@ async def extension(request: web.Request) -> web.Response:
     answer = await first_answer(
         _least_busy(request),
         lambda c: c.request(request.method, path, body, params=params, timeout_s=timeout_s),
+        _cluster(request).note_failure,
     )
     return json_response(answer)
 

@@ -169,7 +169,8 @@ class TestRequestShapes:
             assert status == 200, proxied
             assert sorted(n.node.generations for n in nodes) == [0, 1]
             assert len(proxied["images"]) == 4
-            assert "X-Sdproxy-Shares" not in headers
+            rendered_by = next(n.name for n in nodes if n.node.generations)
+            assert headers["X-Sdproxy-Shares"] == f"{rendered_by}:0-3"
 
 
 class TestErrors:

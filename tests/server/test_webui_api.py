@@ -17,7 +17,15 @@ from sdproxy.core.inventory import REDACTED
 from sdproxy.core.progress import idle_progress
 from sdproxy.fakewebui import FakeNode, FakeNodeSettings, Fault, create_fake_app
 from sdproxy.server.site import start_site
-from tests.support import SMALL, RunningNode, fake_nodes, post_json, proxy
+from tests.support import (
+    SMALL,
+    RunningNode,
+    assert_same_as_one_node,
+    fake_nodes,
+    post_json,
+    proxy,
+    reference_answer,
+)
 
 M1 = "m1.safetensors [1111111111]"
 M2 = "m2.safetensors [2222222222]"
@@ -212,7 +220,7 @@ class TestCheckpointRouting:
     """Generations go only to nodes with their checkpoint."""
 
     async def test_override_goes_to_nodes_that_have_it(self) -> None:
-        """A named checkpoint only one node has is rendered there; an unknown one is an error."""
+        """A named checkpoint only one node has is rendered there, and only there."""
         async with (
             fake_nodes(
                 FakeNodeSettings(name="a", models=(M1,)),
@@ -225,8 +233,34 @@ class TestCheckpointRouting:
             status, answer, headers = await post_json(session, f"{url}/sdapi/v1/txt2img", body)
             assert status == 200, answer
             assert headers["X-Sdproxy-Shares"] == "b:0-3"
+            assert "X-Sdproxy-Warning" not in headers
             assert all("Model: m2" in text for text in json.loads(answer["info"])["infotexts"])
-            body["override_settings"] = {"sd_model_checkpoint": "m3"}
+        assert nodes[0].node.images_rendered == 0
+
+    async def test_unknown_override_renders_on_the_loaded_checkpoint(self) -> None:
+        """As a webui does: a checkpoint no node has renders on the loaded one, with a warning."""
+        async with (
+            fake_nodes(FakeNodeSettings(name="a"), FakeNodeSettings(name="b")) as nodes,
+            proxy(nodes) as url,
+            aiohttp.ClientSession() as session,
+        ):
+            body = dict(
+                SMALL, batch_size=4, seed=5, override_settings={"sd_model_checkpoint": "M3"}
+            )
+            status, answer, headers = await post_json(session, f"{url}/sdapi/v1/txt2img", body)
+            assert status == 200, answer
+            assert "checkpoint not found" in headers["X-Sdproxy-Warning"]
+            direct = await reference_answer(session, nodes[0], "txt2img", body, answer)
+            assert_same_as_one_node(answer, direct, body)
+
+    async def test_unknown_override_is_404_with_strict_checkpoints(self) -> None:
+        """[api] strict_checkpoints = true: a checkpoint no node has is a 404 naming it."""
+        async with (
+            fake_nodes(FakeNodeSettings(name="a")) as nodes,
+            proxy(nodes, api={"strict_checkpoints": True}) as url,
+            aiohttp.ClientSession() as session,
+        ):
+            body = dict(SMALL, override_settings={"sd_model_checkpoint": "m3"})
             status, answer, _ = await post_json(session, f"{url}/sdapi/v1/txt2img", body)
             assert status == 404
             assert "'m3'" in answer["detail"]
