@@ -1,13 +1,10 @@
-"""Runs generation requests on the cluster: dispatch, failover, merge, and every node's lane.
+"""Runs generation requests on the cluster: the Cluster that ties the package together.
 
-A webui renders one job at a time, so each node has a lane (lanes.py): a FIFO of jobs, one
-HTTP request each, run one after the other. A request is planned into shares that end it as
-early as each node's speed model and backlog allow (dispatch.py), the shares cut into jobs, the
-jobs queued on their nodes' lanes. Every finished job teaches its node's model. An idle lane
-takes over late work from a busier one (stealing.py). When a job fails on a node, the node is
-marked down and the job, with every job still waiting on that lane, is planned again onto the
-usable nodes: seeds were fixed up front, so any image renders the same anywhere. Work that
-finds no usable node is parked (parking.py). One watcher per node probes it (watcher.py).
+Each node has a lane (lanes.py) that runs its jobs one at a time. A request is planned into
+shares that end it earliest (dispatch.py), cut into jobs queued on their nodes' lanes; each
+outcome is acted on (settle.py: failover replans a failed node's images with the same seeds);
+idle lanes take over late work (stealing.py); work with no usable node is parked (parking.py);
+one watcher per node probes it (watcher.py); a finished run is merged (answers.py).
 
 The Cluster holds what this process runs (lanes, requests in flight) and leaves what every
 replica shares to the :class:`~sdproxy.cluster.state.ClusterState`. Its tasks are supervised:
@@ -23,53 +20,42 @@ import math
 import random
 from collections.abc import Callable, Coroutine
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 
-from sdproxy.cluster import stealing
+from sdproxy.cluster import interrupts, stealing
+from sdproxy.cluster.answers import GenerationResult, answer
 from sdproxy.cluster.checkpoints import CheckpointRouter
 from sdproxy.cluster.clock import Clock, LoopClock
 from sdproxy.cluster.dispatch import Dispatcher
-from sdproxy.cluster.execute import Failed, Raised, Refused, Rendered, RenderedWhole, execute
+from sdproxy.cluster.execute import execute
 from sdproxy.cluster.forecast import Forecast
 from sdproxy.cluster.lanes import Lane
 from sdproxy.cluster.parking import Parking
+from sdproxy.cluster.settle import Settler
 from sdproxy.cluster.state import ClusterState, MemoryState
 from sdproxy.cluster.supervise import Supervisor, log_crash
 from sdproxy.cluster.watcher import probe_once, retry_after_s, watch_node, why_none
 from sdproxy.cluster.work import Job, Run, ownership_problems
 from sdproxy.config import Settings
-from sdproxy.core import images
-from sdproxy.core.merge import Merged, merge_parts, with_grid
 from sdproxy.core.planner import Chunk, Share
 from sdproxy.core.request import GenerationRequest, resolve_seeds
 from sdproxy.core.speed import work_per_image
 from sdproxy.errors import (
-    GenerationFailed,
-    InternalError,
     NodeError,
     NodeRaised,
     NoNodeAvailable,
     NotFound,
     QueueFull,
     RequestTimeout,
+    SdproxyError,
 )
 from sdproxy.nodes.client import NodeClient
-from sdproxy.nodes.fanout import call_each, is_node_failure
+from sdproxy.nodes.fanout import call_each
 from sdproxy.ops.metrics import Metrics
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class GenerationResult:
-    """What a handler sends back: the webui's JSON envelope and who rendered what."""
-
-    body: dict[str, Any]
-    shares: list[tuple[str, int, int]]  # (node, first image, last image)
-    warnings: list[str] = field(default_factory=list)  # said to the client in a header
 
 
 class Cluster:
@@ -100,6 +86,13 @@ class Cluster:
         self.parking = Parking(self.clock, scheduler.wait_for_node_s, self._no_node)
         self.dispatcher = Dispatcher(
             self.lanes, self.forecast, self.router, self.parking, self.state, self.clock, self.runs
+        )
+        self.settler = Settler(
+            self.state,
+            self.dispatcher,
+            self.metrics,
+            scheduler.max_redispatches,
+            lambda node: self._wakes[node].set(),
         )
         # Finished requests nobody received ("finish" on disconnect) go here: autosave.
         self.unseen_results: Callable[[GenerationResult], None] | None = None
@@ -133,11 +126,7 @@ class Cluster:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)  # all cancelled on purpose
         self.parking.cancel_timers()
-        for job in [
-            *self.parking.take_all(),
-            *(j for ln in self.lanes.values() for j in ln.take_pending()),
-        ]:
-            job.retire()
+        interrupts.withdraw(set(self.runs), self.lanes, self.parking)
         for run in self.runs:
             run.fail(NoNodeAvailable("sdproxy is shutting down"))
 
@@ -164,13 +153,10 @@ class Cluster:
 
     def ownership_problems(self) -> list[str]:
         """Breaches of "every image in flight has exactly one owner" (tests check it is [])."""
-        placed = [
-            (f"node {lane.name}", job) for lane in self.lanes.values() for job in lane.pending
-        ]
-        placed += [
-            (f"node {ln.name} (running)", ln.running) for ln in self.lanes.values() if ln.running
-        ]
-        placed += [("parking", job) for job in self.parking.jobs]
+        placed = [("parking", job) for job in self.parking.jobs]
+        for lane in self.lanes.values():
+            placed += [(f"node {lane.name}", job) for job in lane.pending]
+            placed += [(f"node {lane.name} (running)", lane.running)] if lane.running else []
         return ownership_problems(self.runs, placed)
 
     # --- requests --------------------------------------------------------------------------
@@ -213,24 +199,9 @@ class Cluster:
         finally:
             if run.finished:
                 self._withdraw(run)
-        result = await self._answer(run)
+        result = await answer(run)
         result.warnings.extend(warnings)
         return result
-
-    async def _answer(self, run: Run) -> GenerationResult:
-        request = run.request
-        if run.error is not None:
-            raise run.error
-        if not request.splittable:
-            shares = [(run.whole_node, 0, request.total_images - 1)] if run.whole_node else []
-            return GenerationResult(run.whole, shares)
-        if not run.parts:  # interrupted, and the nodes it was on failed
-            why = "interrupted, and no node returned an image"
-            raise GenerationFailed(f"generation failed: {why}", failures=dict(run.failures))
-        merged = merge_parts(request, run.seeds, run.parts, partial=run.interrupted)
-        if merged.grid_wanted:
-            merged = await self._add_grid(merged, request)
-        return GenerationResult(merged.to_json_dict(), merged.shares)
 
     def _client_left(self, run: Run) -> None:
         """Nobody will read ``run``'s answer: interrupt it, or finish it for autosave."""
@@ -248,13 +219,16 @@ class Cluster:
             self._spawn(self.tell(nodes, "interrupt"), f"interrupt {run.request_id}")
 
     async def _finish_unseen(self, run: Run) -> None:
-        async with asyncio.timeout(self.settings.scheduler.request_timeout_s):
-            await run.done.wait()
+        try:
+            async with asyncio.timeout(self.settings.scheduler.request_timeout_s):
+                await run.done.wait()
+        except TimeoutError:
+            run.fail(RequestTimeout("the request took longer than request_timeout_s"))
         self._withdraw(run)
         try:
-            result = await self._answer(run)
-        except (GenerationFailed, NoNodeAvailable, NodeError) as exc:
-            log.info("a request whose client left failed: %s", exc)
+            result = await answer(run)
+        except SdproxyError as exc:
+            log.info("request %s, whose client left, failed: %s", run.request_id, exc)
             return
         if self.unseen_results is not None:
             self.unseen_results(result)
@@ -278,11 +252,7 @@ class Cluster:
 
     def _withdraw(self, run: Run) -> None:
         """Take a finished run's unstarted jobs off the lanes and out of the parking."""
-        for lane in self.lanes.values():
-            for job in lane.withdraw({run}):
-                job.retire()
-        for job in self.parking.withdraw({run}):
-            job.retire()
+        interrupts.withdraw({run}, self.lanes, self.parking)
         self._forget_settled()
 
     def _forget_settled(self) -> None:
@@ -300,14 +270,6 @@ class Cluster:
                 f"(scheduler.max_queued_images)",
                 retry_after_s=min(max(math.ceil(soonest), 1), 600),
             )
-
-    async def _add_grid(self, merged: Merged, request: GenerationRequest) -> Merged:
-        if not request.send_images:
-            return with_grid(merged, None)
-        infotexts = merged.info.get("infotexts") or [None]
-        rendered = merged.images[: merged.rendered]  # not the extra images after them
-        grid = await asyncio.to_thread(images.build_grid, rendered, infotexts[0])
-        return with_grid(merged, grid)
 
     # --- the lanes' host -------------------------------------------------------------------
 
@@ -352,107 +314,17 @@ class Cluster:
         started = self.clock.now()
         outcome = await execute(self.clients[node], job, timeout_s)
         seconds = self.clock.now() - started
-        match outcome:
-            case Rendered(part):
-                self._rendered(node, job, seconds, part.count)
-                run.add(part, job.images)
-            case RenderedWhole(response):
-                self._rendered(node, job, seconds, job.images)
-                run.complete_whole(node, response)
-            case Refused(error):  # the node is fine; the request is not: every node would refuse
-                self._succeeded(node)
-                self.metrics.observe_job(node, "rejected", seconds)
-                job.retire()
-                run.fail(error)
-            case Raised(error):
-                log.info("node %s raised on images %s..: %s", node, job.chunk.start, error.reason)
-                self.metrics.observe_job(node, "error", seconds)
-                self._retry_elsewhere(node, job, error)
-            case Failed(error):
-                log.warning("node %s failed images %s..: %s", node, job.chunk.start, error.reason)
-                self.metrics.observe_job(node, "error", seconds)
-                self._failover(node, job, error)
+        self.settler.settle(node, job, outcome, seconds)
         self._forget_settled()
-
-    def _rendered(self, node: str, job: Job, seconds: float, images: int) -> None:
-        if not job.run.interrupted:  # a short, interrupted answer says nothing of the speed
-            self.state.observe(node, job.work, seconds)
-        self._succeeded(node, images)
-        self.metrics.observe_job(node, "ok", seconds, images)
-        job.retire()
-        if job.blame is not None:  # these images raised on another node: that node was at fault
-            blamed, error = job.blame
-            if self.state.usable(blamed):
-                log.warning("node %s raised on work another node rendered", blamed)
-                self.take_out(blamed, error)
-
-    def _succeeded(self, node: str, images: int = 0) -> None:
-        self.state.count(node, images=images)
-        self.state.record_ok(node)
 
     def job_crashed(self, lane: Lane, job: Job, error: Exception) -> None:
         """A bug met ``job`` (logged by the lane): try its images once more, elsewhere."""
-        run = job.run
-        run.crashes += 1
-        run.avoid.add(lane.name)
-        if run.finished:
-            job.retire()
-        elif run.crashes >= 2:
-            job.retire()
-            run.fail(InternalError(f"internal error in sdproxy on request {run.request_id}"))
-        else:
-            self.dispatcher.dispatch(job)
+        self.settler.crashed(lane.name, job)
         self._forget_settled()
-
-    # --- failures --------------------------------------------------------------------------
-
-    def _failover(self, node: str, job: Job, error: NodeError) -> None:
-        """Plan a failed job, and every job waiting behind it, onto the usable nodes."""
-        run = job.run
-        self.metrics.observe_failover(node)
-        self.take_out(node, error)
-        if run.finished:
-            job.retire()
-            return
-        run.failures[node] = error.reason
-        run.redispatches += 1
-        if run.redispatches > self.settings.scheduler.max_redispatches:
-            job.retire()
-            run.fail(
-                GenerationFailed("generation failed: too many failed attempts", dict(run.failures))
-            )
-        else:
-            self.dispatcher.dispatch(job)
-
-    def _retry_elsewhere(self, node: str, job: Job, error: NodeRaised) -> None:
-        """A job raised on a node that is up (a webui 500): try its images elsewhere, once.
-
-        The node stays up. If a second node raises too, or no other node may take the work,
-        the request is at fault: the client gets the node's body (422) and no node is taken
-        out. If another node renders the images, the first node was at fault (_rendered).
-        """
-        run = job.run
-        self.state.note_error(node, error.reason)
-        run.raised.add(node)
-        others = [n for n in self.dispatcher.routable(run) if n not in run.raised]
-        if run.finished or len(run.raised) >= 2 or not others:
-            job.retire()
-            run.fail(error)
-            return
-        self.metrics.observe_failover(node)
-        job.blame = (node, error)
-        self.dispatcher.dispatch(job)
-
-    def take_out(self, node: str, error: NodeError) -> None:
-        """Mark a node down after a failure; its waiting work moves (see _health_changed)."""
-        if self.state.record_failure(node, error.reason):
-            log.warning("node %s is down: %s", node, error.reason)
-        self._wakes[node].set()  # its watcher now waits for the cooldown, not the interval
 
     def note_failure(self, error: NodeError) -> None:
         """A call to a node failed outside a job: take the node out if it was the node's fault."""
-        if is_node_failure(error):
-            self.take_out(error.node, error)
+        self.settler.note_failure(error)
 
     def _health_changed(self, node: str) -> None:
         if self.state.usable(node):
@@ -492,38 +364,17 @@ class Cluster:
         return client
 
     def running_jobs(self) -> list[tuple[str, Job]]:
-        """(node, job) for every job a node is rendering now for a request of this process.
-
-        Jobs of requests whose client has left are included until they end: they still occupy
-        their nodes, and an interrupt must still reach them.
-        """
-        running = []
-        for lane in self.lanes.values():
-            job = lane.running
-            if job is not None and job.live:
-                running.append((lane.name, job))
-        return running
+        """(node, job) for every job a node is rendering now (see interrupts.py)."""
+        return interrupts.running_jobs(self.lanes)
 
     def interrupt_running(self) -> list[str]:
-        """Mark the running requests interrupted and drop their waiting jobs.
+        """Interrupt the requests being rendered; the nodes to send the interrupt to.
 
-        Returns the nodes to send the interrupt to. Requests only queued (not rendering
-        anywhere yet) go on, as requests waiting on a webui's queue lock do.
+        Requests only queued (not rendering anywhere yet) go on, as requests waiting on a
+        webui's queue lock do.
         """
         running = self.running_jobs()
-        runs = {job.run for _, job in running}
-        for run in runs:
-            run.interrupted = True
-        for lane in self.lanes.values():
-            for job in lane.withdraw(runs):
-                job.retire()
-                job.run.drop(job.images)
-        for job in self.parking.withdraw(runs):
-            if job.whole:
-                self.parking.park(job)
-            else:
-                job.retire()
-                job.run.drop(job.images)
+        interrupts.interrupt({job.run for _, job in running}, self.lanes, self.parking)
         return [name for name, _ in running]
 
     # --- the watchers' host ----------------------------------------------------------------
