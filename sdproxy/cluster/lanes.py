@@ -37,7 +37,8 @@ class Background:
 class LaneHost(Protocol):
     """What a lane needs from the cluster."""
 
-    clock: Clock
+    @property
+    def clock(self) -> Clock: ...
 
     def usable(self, node: str) -> bool: ...
 

@@ -25,8 +25,11 @@ log = logging.getLogger(__name__)
 class WatchHost(Protocol):
     """What a watcher needs from the cluster."""
 
-    clock: Clock
-    state: ClusterState
+    @property
+    def clock(self) -> Clock: ...
+
+    @property
+    def state(self) -> ClusterState: ...
 
     async def probe(self, node: str, timeout_s: float) -> None:
         """One cheap call to the node; raises NodeError if it fails."""
