@@ -43,9 +43,9 @@ Which failures are whose fault:
   node's own body with status 422 and no node is taken out. (Calls that go to one node only, such
   as interrogate or extras, pass that body on at once.)
 
-Only ``nodes.py`` catches aiohttp's and asyncio's errors and raises ``NodeError``s from them; only
-the error middleware in ``app.py`` turns these exceptions into HTTP responses, through
-:func:`error_response_parts`.
+Only ``nodes/client.py`` catches aiohttp's and asyncio's errors and raises ``NodeError``s from
+them; only the error middleware in ``server/app.py`` turns these exceptions into HTTP responses,
+through each error's ``status``, :meth:`SdproxyError.body` and :meth:`SdproxyError.headers`.
 """
 
 from __future__ import annotations
