@@ -19,10 +19,13 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 from PIL import Image
 
+from sdproxy.cli import free_port
 from sdproxy.config import Settings
 from sdproxy.fakewebui import FakeNode, FakeNodeSettings, create_fake_app
 from sdproxy.server.keys import cluster_key
 from sdproxy.server.site import start_proxy, start_site
+
+__all__ = ["free_port"]  # one definition (sdproxy.cli), re-exported for the tests
 
 SMALL = {"width": 64, "height": 64, "steps": 20}  # 1/64 of a nominal image: renders fast
 
@@ -103,6 +106,20 @@ async def wait_until(
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.01)
+
+
+async def wait_until_serving(url: str, path: str = "/internal/ping") -> None:
+    """Poll ``url + path`` until it answers 200 (a server that is still starting)."""
+    async with aiohttp.ClientSession() as session:
+
+        async def answers() -> bool:
+            try:
+                async with session.get(f"{url}{path}") as resp:
+                    return resp.status == 200
+            except aiohttp.ClientError:
+                return False
+
+        await wait_until(answers, what=f"{url} to serve")
 
 
 async def cluster_status(session: aiohttp.ClientSession, url: str) -> dict[str, Any]:
@@ -191,8 +208,6 @@ class NodeProcess:
 @asynccontextmanager
 async def node_processes(*flag_sets: Sequence[str]) -> AsyncIterator[list[NodeProcess]]:
     """One subprocess fake node per flag list, on free ports, stopped at the end."""
-    from sdproxy.cli import free_port
-
     processes = [NodeProcess(f"p{i}", free_port(), *flags) for i, flags in enumerate(flag_sets)]
     try:
         for process in processes:
@@ -272,10 +287,12 @@ def assert_complete(proxied: dict[str, Any], body: dict[str, Any]) -> None:
 async def wait_for_status(
     session: aiohttp.ClientSession, url: str, predicate: Any, timeout_s: float = 30
 ) -> dict[str, Any]:
-    """Poll /cluster/status until ``predicate(status)`` holds."""
-    async with asyncio.timeout(timeout_s):
-        while True:
-            status = await cluster_status(session, url)
-            if predicate(status):
-                return status
-            await asyncio.sleep(0.02)
+    """Poll /cluster/status until ``predicate(status)`` holds; return that status."""
+    seen: dict[str, Any] = {}
+
+    async def holds() -> bool:
+        seen.update(await cluster_status(session, url))
+        return bool(predicate(seen))
+
+    await wait_until(holds, what="a /cluster/status that matches", timeout_s=timeout_s)
+    return seen

@@ -9,7 +9,6 @@ from typing import Any
 import aiohttp
 import pytest
 
-from sdproxy.cli import free_port
 from sdproxy.fakewebui import FakeNode, FakeNodeSettings, Fault, FaultMode, create_fake_app
 from sdproxy.server.site import start_site
 from tests.support import (
@@ -20,6 +19,7 @@ from tests.support import (
     cluster_status,
     fake_nodes,
     fast,
+    free_port,
     node_state,
     post_json,
     proxy,
