@@ -108,11 +108,18 @@ async def wait_until(
         await asyncio.sleep(0.01)
 
 
-async def wait_until_serving(url: str, path: str = "/internal/ping") -> None:
-    """Poll ``url + path`` until it answers 200 (a server that is still starting)."""
+async def wait_until_serving(
+    url: str, path: str = "/internal/ping", *, alive: Callable[[], None] | None = None
+) -> None:
+    """Poll ``url + path`` until it answers 200 (a server that is still starting).
+
+    ``alive`` is called before each poll and raises if the server can no longer come up.
+    """
     async with aiohttp.ClientSession() as session:
 
         async def answers() -> bool:
+            if alive is not None:
+                alive()
             try:
                 async with session.get(f"{url}{path}") as resp:
                     return resp.status == 200
@@ -166,19 +173,13 @@ class NodeProcess:
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
         )
-        async with aiohttp.ClientSession() as session:
 
-            async def answers() -> bool:
-                assert self.process is not None
-                if self.process.returncode is not None:
-                    raise RuntimeError(f"fake node {self.name} exited early")
-                try:
-                    async with session.get(f"{self.url}/internal/ping") as resp:
-                        return resp.status == 200
-                except aiohttp.ClientError:
-                    return False
+        def alive() -> None:
+            assert self.process is not None
+            if self.process.returncode is not None:
+                raise RuntimeError(f"fake node {self.name} exited early")
 
-            await wait_until(answers, what=f"{self.name} to start")
+        await wait_until_serving(self.url, alive=alive)
 
     def kill(self) -> None:
         """SIGKILL: the node dies at once, mid-request or not."""

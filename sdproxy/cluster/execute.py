@@ -1,9 +1,9 @@
 """Running one job on its node: the node body, the call, and what the answer amounts to.
 
 The outcome is a value, not an exception, so that what it means for the request and the node
-(cluster/scheduler.py) reads as one ``match``: the images it rendered, the whole answer of an
-unsplit request, a refusal that is the request's fault, a webui error the job raised, or a
-failure of the node.
+(cluster/settle.py) reads as one ``match``: the images it rendered, the whole answer of an
+unsplit request, or the node error it met (a refusal that is the request's fault, a webui error
+the job raised, or a failure of the node: see the NodeError classes in errors.py).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 from sdproxy.cluster.work import Job
 from sdproxy.core.merge import BadNodeResult, Part, read_part
 from sdproxy.core.request import node_body
-from sdproxy.errors import NodeBadResponse, NodeError, NodeRaised, NodeRejected
+from sdproxy.errors import NodeBadResponse, NodeError
 from sdproxy.nodes.client import NodeClient
 
 
@@ -33,27 +33,13 @@ class RenderedWhole:
 
 
 @dataclass(frozen=True)
-class Refused:
-    """The node refused the request with a 4xx: every node would, the request is at fault."""
-
-    error: NodeRejected
-
-
-@dataclass(frozen=True)
-class Raised:
-    """The node answered with the webui's exception body: the job raised there."""
-
-    error: NodeRaised
-
-
-@dataclass(frozen=True)
 class Failed:
-    """The node failed: unreachable, too slow, or an answer sdproxy cannot use."""
+    """The node call ended in a NodeError: refused (4xx), raised (webui 500), or failed."""
 
     error: NodeError
 
 
-Outcome = Rendered | RenderedWhole | Refused | Raised | Failed
+Outcome = Rendered | RenderedWhole | Failed
 
 
 def body_for(job: Job) -> dict[str, Any]:
@@ -70,10 +56,6 @@ async def execute(client: NodeClient, job: Job, timeout_s: float) -> Outcome:
     request = run.request
     try:
         response = await client.generate(request.kind, body_for(job), timeout_s)
-    except NodeRejected as exc:
-        return Refused(exc)
-    except NodeRaised as exc:
-        return Raised(exc)
     except NodeError as exc:
         return Failed(exc)
     if job.whole:

@@ -13,10 +13,10 @@ import logging
 from collections.abc import Callable
 
 from sdproxy.cluster.dispatch import Dispatcher
-from sdproxy.cluster.execute import Failed, Outcome, Raised, Refused, Rendered, RenderedWhole
+from sdproxy.cluster.execute import Failed, Outcome, Rendered, RenderedWhole
 from sdproxy.cluster.state import ClusterState
 from sdproxy.cluster.work import Job
-from sdproxy.errors import GenerationFailed, InternalError, NodeError, NodeRaised
+from sdproxy.errors import GenerationFailed, InternalError, NodeError, NodeRaised, NodeRejected
 from sdproxy.nodes.fanout import is_node_failure
 from sdproxy.ops.metrics import Metrics
 
@@ -50,12 +50,13 @@ class Settler:
             case RenderedWhole(response):
                 self._rendered(node, job, seconds, job.images)
                 run.complete_whole(node, response)
-            case Refused(error):  # the node is fine; the request is not: every node would refuse
+            case Failed(NodeRejected() as error):
+                # The node is fine; the request is not: every node would refuse it.
                 self._succeeded(node)
                 self._metrics.observe_job(node, "rejected", seconds)
                 job.retire()
                 run.fail(error)
-            case Raised(error):
+            case Failed(NodeRaised() as error):
                 log.info("node %s raised on images %s..: %s", node, job.chunk.start, error.reason)
                 self._metrics.observe_job(node, "error", seconds)
                 self._retry_elsewhere(node, job, error)

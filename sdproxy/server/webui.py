@@ -30,7 +30,7 @@ from sdproxy.errors import (
     validation_error,
 )
 from sdproxy.nodes.client import NodeClient
-from sdproxy.nodes.fanout import call_each, combined_error, first_answer
+from sdproxy.nodes.fanout import NodeCall, call_each, combined_error, first_answer
 from sdproxy.server.bodies import json_response, read_body, read_json
 from sdproxy.server.keys import cluster_key, settings_key
 
@@ -121,6 +121,16 @@ def _write_timeout_s(request: web.Request) -> float:
     return request.app[settings_key].api.write_timeout_s
 
 
+async def _each(request: web.Request, clients: Sequence[NodeClient], call: NodeCall) -> Any:
+    """``call`` on every client at once (fanout.call_each), failures told to the cluster."""
+    return await call_each(clients, call, _cluster(request).note_failure)
+
+
+async def _first(request: web.Request, clients: Sequence[NodeClient], call: NodeCall) -> Any:
+    """``call`` on each client in turn until one answers (fanout.first_answer)."""
+    return await first_answer(clients, call, _cluster(request).note_failure)
+
+
 # --- reads ---------------------------------------------------------------------------------------
 
 
@@ -128,10 +138,8 @@ def merged_get(path: str, merge: Merge) -> Handler:
     async def handler(request: web.Request) -> web.Response:
         healthy = _healthy(request)
         timeout_s = _read_timeout_s(request)
-        answers, errors = await call_each(
-            healthy,
-            lambda c: c.request("GET", f"sdapi/v1/{path}", timeout_s=timeout_s),
-            _cluster(request).note_failure,
+        answers, errors = await _each(
+            request, healthy, lambda c: c.request("GET", f"sdapi/v1/{path}", timeout_s=timeout_s)
         )
         if not answers:
             raise combined_error(f"GET {path}", errors, answered=0)
@@ -156,10 +164,10 @@ def one_node_get(path: str) -> Handler:
             clients.sort(key=lambda c: not router.on_cluster_checkpoint(c.name))
         params = dict(request.query)
         timeout_s = _read_timeout_s(request)
-        answer = await first_answer(
+        answer = await _first(
+            request,
             clients,
             lambda c: c.request("GET", f"sdapi/v1/{path}", params=params, timeout_s=timeout_s),
-            _cluster(request).note_failure,
         )
         if path == "cmd-flags" and isinstance(answer, dict):
             answer = redact_flags(answer)
@@ -176,10 +184,8 @@ def fan_out_post(path: str) -> Handler:
     async def handler(request: web.Request) -> web.Response:
         healthy = _healthy(request)
         timeout_s = _write_timeout_s(request)
-        answers, errors = await call_each(
-            healthy,
-            lambda c: c.request("POST", f"sdapi/v1/{path}", timeout_s=timeout_s),
-            _cluster(request).note_failure,
+        answers, errors = await _each(
+            request, healthy, lambda c: c.request("POST", f"sdapi/v1/{path}", timeout_s=timeout_s)
         )
         succeeded = [c for c in healthy if c.name in answers]
         if path == "refresh-checkpoints":
@@ -284,10 +290,10 @@ def one_node_post(path: str) -> Handler:
         body = await read_json(request)
         refuse_urls(request, body)
         timeout_s = request.app[settings_key].scheduler.share_timeout_floor_s
-        answer = await first_answer(
+        answer = await _first(
+            request,
             _least_busy(request),
             lambda c: c.request("POST", f"sdapi/v1/{path}", body, timeout_s=timeout_s),
-            _cluster(request).note_failure,
         )
         return json_response(answer)
 
@@ -303,10 +309,10 @@ async def extension(request: web.Request) -> web.Response:
     path = request.path.lstrip("/")
     params = dict(request.query)
     timeout_s = request.app[settings_key].scheduler.share_timeout_floor_s
-    answer = await first_answer(
+    answer = await _first(
+        request,
         _least_busy(request),
         lambda c: c.request(request.method, path, body, params=params, timeout_s=timeout_s),
-        _cluster(request).note_failure,
     )
     return json_response(answer)
 

@@ -27,16 +27,6 @@ from tests.support import (
     wait_until,
 )
 
-FAST: dict[str, Any] = {
-    "health_interval_s": 0.2,
-    "health_timeout_s": 5,
-    "connect_timeout_s": 2,
-    "cooldown_base_s": 0.1,
-    "cooldown_max_s": 0.5,
-    "share_timeout_floor_s": 20,
-    "wait_for_node_s": 10,
-}
-
 
 async def generate_and_compare(
     session: aiohttp.ClientSession, url: str, reference: RunningNode, body: dict[str, Any]
