@@ -30,10 +30,10 @@ import orjson
 from sdproxy.cluster.clock import Clock
 from sdproxy.cluster.lanes import Background, Lane
 from sdproxy.cluster.state import ClusterState
-from sdproxy.cluster.supervise import log_crash
 from sdproxy.config import BenchmarkSettings
 from sdproxy.core.speed import SpeedEstimate, fit_benchmark, image_work
 from sdproxy.errors import NodeError
+from sdproxy.logs import log_crash
 from sdproxy.nodes.client import NodeClient
 
 log = logging.getLogger(__name__)

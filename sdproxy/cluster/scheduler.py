@@ -35,7 +35,7 @@ from sdproxy.cluster.lanes import Lane
 from sdproxy.cluster.parking import Parking
 from sdproxy.cluster.settle import Settler
 from sdproxy.cluster.state import ClusterState, MemoryState
-from sdproxy.cluster.supervise import Supervisor, log_crash
+from sdproxy.cluster.supervise import Supervisor
 from sdproxy.cluster.watcher import probe_once, retry_after_s, watch_node, why_none
 from sdproxy.cluster.work import Job, Run, ownership_problems
 from sdproxy.config import Settings
@@ -51,6 +51,7 @@ from sdproxy.errors import (
     RequestTimeout,
     SdproxyError,
 )
+from sdproxy.logs import log_crash
 from sdproxy.nodes.client import NodeClient
 from sdproxy.nodes.fanout import call_each
 from sdproxy.ops.metrics import Metrics

@@ -4,8 +4,8 @@ A lane, a health watcher or the benchmark runner that raises something unexpecte
 silently and leave its node "up" with work nobody runs. The :class:`Supervisor` owns such tasks:
 an exception that escapes one is logged once with its traceback, counted, and the task is started
 again after a short pause (the pause keeps a bug that raises at once from spinning the loop).
-Cancellation is the only way a supervised task ends. One-off tasks use :func:`log_crash` as a
-done-callback instead, so their errors are logged too.
+Cancellation is the only way a supervised task ends. One-off tasks use
+:func:`sdproxy.logs.log_crash` as a done-callback instead, so their errors are logged too.
 """
 
 from __future__ import annotations
@@ -19,15 +19,6 @@ from sdproxy.cluster.clock import Clock
 log = logging.getLogger(__name__)
 
 RESTART_DELAY_S = 1.0
-
-
-def log_crash(task: asyncio.Task[object]) -> None:
-    """Done-callback for a one-off task: log an exception it ended with (once, with traceback)."""
-    if task.cancelled():
-        return
-    error = task.exception()
-    if error is not None:
-        log.error("task %s crashed", task.get_name(), exc_info=error)
 
 
 class Supervisor:

@@ -7,7 +7,8 @@ import logging
 
 import pytest
 
-from sdproxy.cluster.supervise import Supervisor, log_crash
+from sdproxy.cluster.supervise import Supervisor
+from sdproxy.logs import log_crash
 from tests.cluster.fakes import FakeClock, settle
 
 
