@@ -102,6 +102,10 @@ class SchedulerSettings(_Section):
     cooldown_base_s: Annotated[float, Field(gt=0)] = 2.0
     cooldown_max_s: Annotated[float, Field(gt=0)] = 60.0
     max_queued_images: Annotated[int, Field(ge=1)] = 4000
+    work_stealing: bool = True  # an idle node takes over waiting work it finishes earlier
+    # A request whose client went away: "interrupt" its running jobs and drop the rest, or
+    # "finish" it (its images are autosaved). Unset: "finish" with autosave on, else "interrupt".
+    on_disconnect: Literal["interrupt", "finish"] | None = None
 
 
 class BenchmarkSettings(_Section):
@@ -137,6 +141,9 @@ class ApiSettings(_Section):
     read_timeout_s: Annotated[float, Field(gt=0)] = 30.0
     write_timeout_s: Annotated[float, Field(gt=0)] = 600.0  # POST options waits for a model load
     extension_prefixes: tuple[str, ...] = ("controlnet", "adetailer")
+    # override_settings naming a checkpoint no node has: rendered on the loaded one, as a webui
+    # does (false), or refused with 404 (true).
+    strict_checkpoints: bool = False
 
     @field_validator("extension_prefixes")
     @classmethod
@@ -273,11 +280,9 @@ class Settings(BaseSettings):
 
 # The sections SDPROXY_<SECTION>__<KEY> may set, and their models (for list-valued keys).
 SECTIONS: dict[str, type[BaseModel]] = {
-    "server": ServerSettings,
-    "scheduler": SchedulerSettings,
-    "benchmark": BenchmarkSettings,
-    "api": ApiSettings,
-    "autosave": AutosaveSettings,
+    name: kind
+    for name, field in Settings.model_fields.items()
+    if isinstance(kind := field.annotation, type) and issubclass(kind, BaseModel)
 }
 
 
@@ -360,11 +365,8 @@ def describe_validation_error(
     environment: Environment | None = None,
     path: Path | None = None,
 ) -> str:
-    """The first problem of ``exc`` in one line: where it came from, its key, what is wrong.
-
-    Where: the environment variable that set the value, else the file (``environment``
-    when there is neither: a required key nobody gave).
-    """
+    """The first problem of ``exc`` in one line: where it came from (the variable that set
+    it, else the file, else "environment"), its key, and what is wrong."""
     first = exc.errors(include_url=False)[0]
     loc = tuple(first["loc"])
     ctx = first.get("ctx") or {}

@@ -15,9 +15,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from sdproxy.cli import build_parser, free_port
+from sdproxy.cli import build_parser
 from sdproxy.fakewebui import FakeNodeSettings
-from tests.support import fake_nodes, wait_until
+from tests.support import fake_nodes, free_port, wait_until
 
 
 @asynccontextmanager

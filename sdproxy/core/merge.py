@@ -208,13 +208,6 @@ def _shares(ordered: Sequence[Part]) -> list[tuple[str, int, int]]:
     return shares
 
 
-def whole_shares(node: str | None, response: Any, images: int) -> list[tuple[str, int, int]]:
-    """The share of an unsplit (script) request: its one node, over every image it returned."""
-    returned = response.get("images") if isinstance(response, dict) else None
-    count = len(returned) if isinstance(returned, list) and returned else images
-    return [(node, 0, count - 1)] if node is not None and count > 0 else []
-
-
 def _spread(
     key: str, ordered: Sequence[Part], request: GenerationRequest, seeds: Seeds
 ) -> list[Any]:

@@ -1,11 +1,13 @@
-"""NodeClient and node state: the only module that talks HTTP to webui nodes."""
+"""NodeClient: the only code that talks HTTP to webui nodes.
+
+It knows how to call a node and what its answers mean as errors; what a failure means for the
+node's health is the cluster's business (cluster/state.py).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import ssl
-import time
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -13,11 +15,9 @@ import orjson
 from yarl import URL
 
 from sdproxy.config import NodeSettings, SchedulerSettings
-from sdproxy.core.health import NodeHealth
 from sdproxy.errors import (
     NodeAuthFailed,
     NodeBadResponse,
-    NodeError,
     NodeRaised,
     NodeRejected,
     NodeTimeout,
@@ -28,37 +28,6 @@ from sdproxy.errors import (
 _WEBUI_ERROR_KEYS = frozenset({"error", "detail", "body", "errors"})
 _DECODE_IN_THREAD_BYTES = 1 << 20
 _JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
-
-
-@dataclass
-class NodeStats:
-    """What sdproxy has seen of one node, for planning and /cluster/status."""
-
-    health: NodeHealth
-    images_rendered: int = 0
-    requests_sent: int = 0
-
-    @property
-    def healthy(self) -> bool:
-        """The node may be given work: up and not disabled."""
-        return self.health.usable
-
-    # Read-only views of the health state, for code that reads them off the stats.
-    @property
-    def consecutive_failures(self) -> int:
-        return self.health.consecutive_failures
-
-    @property
-    def last_error(self) -> str | None:
-        return self.health.last_error
-
-    @property
-    def last_error_at(self) -> float | None:
-        return self.health.last_error_at
-
-    @property
-    def last_ok_at(self) -> float | None:
-        return self.health.last_ok_at
 
 
 class NodeClient:
@@ -75,8 +44,6 @@ class NodeClient:
     ) -> None:
         self.settings = settings
         self.name = settings.name
-        self.health = NodeHealth(scheduler.cooldown_base_s, scheduler.cooldown_max_s)
-        self.stats = NodeStats(self.health)
         self._session = session
         self._base = URL(settings.base_url)
         self._connect_timeout_s = scheduler.connect_timeout_s
@@ -92,7 +59,6 @@ class NodeClient:
 
     async def generate(self, kind: str, body: dict[str, Any], timeout_s: float) -> Any:
         """POST a txt2img/img2img body and return the decoded JSON answer."""
-        self.stats.requests_sent += 1
         return await self.request("POST", f"sdapi/v1/{kind}", body, timeout_s=timeout_s)
 
     async def probe(self, timeout_s: float) -> None:
@@ -168,24 +134,6 @@ class NodeClient:
             )
         return payload
 
-    @property
-    def usable(self) -> bool:
-        """Up and not disabled: the node may be given work."""
-        return self.health.usable
-
-    def record_success(self, images: int = 0) -> bool:
-        """A call succeeded; True if the node was down and is back."""
-        self.stats.images_rendered += images
-        return self.health.record_ok(time.time())
-
-    def record_failure(self, error: NodeError, *, probe: bool = False) -> bool:
-        """A call failed: the node is down at once. True if it was up."""
-        return self.health.record_failure(error.reason, time.time(), probe=probe)
-
-    def record_raised(self, error: NodeError) -> None:
-        """The node answered, but the job raised: noted, without taking the node out."""
-        self.health.note_error(error.reason, time.time())
-
 
 def tls_context(settings: NodeSettings) -> ssl.SSLContext | bool:
     """The TLS settings for requests to one node, built once; True: aiohttp's default."""
@@ -207,23 +155,3 @@ def _error_text(payload: Any) -> str:
             if isinstance(value, str) and value:
                 return value[:200]
     return "unexpected body"
-
-
-async def check_node(client: NodeClient, timeout_s: float) -> bool:
-    """Probe one node and record the outcome. True if it came back."""
-    try:
-        await client.probe(timeout_s)
-    except NodeRejected:
-        # It answered: reachable. A 401 here is the auth configuration's problem.
-        return client.record_success()
-    except NodeError as exc:
-        client.record_failure(exc, probe=True)
-        return False
-    return client.record_success()
-
-
-async def probe_all(clients: list[NodeClient], timeout_s: float) -> None:
-    """Probe every node concurrently and record the outcome on each."""
-    async with asyncio.TaskGroup() as group:
-        for client in clients:
-            group.create_task(check_node(client, timeout_s))

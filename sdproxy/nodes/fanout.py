@@ -19,18 +19,19 @@ from sdproxy.errors import (
 from sdproxy.nodes.client import NodeClient
 
 NodeCall = Callable[[NodeClient], Awaitable[Any]]
+# Told of every failed call; whoever keeps node health decides what it means (is_node_failure).
+FailureSink = Callable[[NodeError], None]
 
 
-def note_failure(client: NodeClient, error: NodeError) -> None:
-    """Mark a node down when the failure is the node's (not a refusal or a webui error body)."""
-    if isinstance(error, NodeUnreachable | NodeTimeout) or (
+def is_node_failure(error: NodeError) -> bool:
+    """Whether a failed call is the node's fault (not a refusal or a webui error body)."""
+    return isinstance(error, NodeUnreachable | NodeTimeout) or (
         isinstance(error, NodeBadResponse) and error.answered is None
-    ):
-        client.record_failure(error)
+    )
 
 
 async def call_each(
-    clients: Sequence[NodeClient], call: NodeCall
+    clients: Sequence[NodeClient], call: NodeCall, on_failure: FailureSink
 ) -> tuple[dict[str, Any], dict[str, NodeError]]:
     """``call`` on every client concurrently: (answers, errors) by node name, both kept."""
     answers: dict[str, Any] = {}
@@ -40,7 +41,7 @@ async def call_each(
         try:
             answers[client.name] = await call(client)
         except NodeError as exc:
-            note_failure(client, exc)
+            on_failure(exc)
             errors[client.name] = exc
 
     async with asyncio.TaskGroup() as group:
@@ -78,7 +79,9 @@ def _same_answer(a: NodeError, b: NodeError) -> bool:
     return type(a) is type(b) and _own_answer(a) == _own_answer(b) and a.status == b.status
 
 
-async def first_answer(clients: Sequence[NodeClient], call: NodeCall) -> Any:
+async def first_answer(
+    clients: Sequence[NodeClient], call: NodeCall, on_failure: FailureSink
+) -> Any:
     """``call`` on each client in turn until one answers; a refusal (4xx) is the answer too."""
     if not clients:
         raise NoNodeAvailable("no healthy node: every node is down or unreachable")
@@ -91,9 +94,9 @@ async def first_answer(clients: Sequence[NodeClient], call: NodeCall) -> Any:
         except NodeBadResponse as exc:
             if exc.answered is not None:
                 raise  # a webui error body: every node would say the same
-            note_failure(client, exc)
+            on_failure(exc)
             errors[client.name] = exc
         except NodeError as exc:
-            note_failure(client, exc)
+            on_failure(exc)
             errors[client.name] = exc
     raise combined_error("the call", errors, answered=0)

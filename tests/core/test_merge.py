@@ -15,7 +15,6 @@ from sdproxy.core.merge import (
     dump_info,
     merge_parts,
     read_part,
-    whole_shares,
     with_grid,
 )
 from sdproxy.core.request import GenerationRequest, Seeds, parse_generation
@@ -379,9 +378,3 @@ class TestShares:
         ]
         merged = merge_parts(request(batch_size=7), Seeds(1, 1), parts)
         assert merged.shares == [("fast", 0, 4), ("slow", 5, 6)]
-
-    def test_whole_shares_cover_what_the_node_returned(self) -> None:
-        """An unsplit script request names its node over every image it answered with."""
-        assert whole_shares("a", {"images": ["grid", "x", "y"]}, 2) == [("a", 0, 2)]
-        assert whole_shares("a", {"images": []}, 2) == [("a", 0, 1)]
-        assert whole_shares(None, {"images": ["x"]}, 1) == []
