@@ -16,11 +16,12 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sdproxy.core.merge import BadNodeResult, Part, read_part
+from sdproxy.core.answers import answer_budget, asked_of
+from sdproxy.core.merge import Part
 from sdproxy.core.planner import Chunk
 from sdproxy.core.request import GenerationRequest, Seeds, node_body
 from sdproxy.core.speed import SpeedModel
-from sdproxy.errors import NodeBadResponse, NodeError, NodeRaised, NodeRejected, SdproxyError
+from sdproxy.errors import NodeError, NodeRaised, NodeRejected, SdproxyError
 from sdproxy.logs import request_id_var
 from sdproxy.nodes.client import NodeClient
 
@@ -191,26 +192,19 @@ class Lane:
         timeout_s = self._cluster.share_deadline_s(client.name, request, chunk.images)
         metrics, started = self._cluster.metrics, time.perf_counter()
         try:
-            response = await client.generate(request.kind, body, timeout_s)
+            budget = answer_budget(request, chunk.images, script=job.whole)
+            response = await client.generate(request.kind, body, timeout_s, budget)
             if not run.interrupted:  # a short, interrupted answer says nothing of the speed
                 self.model.observe(job.work, time.perf_counter() - started)
             if job.whole:
+                await client.check_script_answer(response, request.send_images)
                 run.complete_whole(response)
                 self._succeeded()
                 metrics.observe_job(client.name, "ok", time.perf_counter() - started)
                 self._cluster.blame(job)
                 return
-            try:
-                part = read_part(
-                    client.name,
-                    chunk.start,
-                    chunk.images,
-                    response,
-                    request.send_images,
-                    allow_short=run.interrupted,
-                )
-            except BadNodeResult as exc:
-                raise NodeBadResponse(client.name, str(exc)) from exc
+            asked = asked_of(request, body)
+            part = await client.read_part(chunk.start, response, asked, allow_short=run.interrupted)
         except NodeRejected as exc:
             # The node is fine; the request is not. Every node would say the same.
             self._succeeded()

@@ -80,7 +80,10 @@ class Cluster:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.runs: set[Run] = set()  # requests in flight, for /cluster/status
-        self.clients = [NodeClient(session, node, settings.scheduler) for node in settings.nodes]
+        self.clients = [
+            NodeClient(session, node, settings.scheduler, self.metrics.observe_node_failure)
+            for node in settings.nodes
+        ]
         self.lanes = {client.name: Lane(client, self) for client in self.clients}
         self.models = ModelCatalog(self.clients, settings.api)
         self._rng = rng or random.SystemRandom()

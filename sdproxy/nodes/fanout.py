@@ -9,6 +9,7 @@ from typing import Any
 from sdproxy.errors import (
     NodeBadResponse,
     NodeError,
+    NodeRaised,
     NodeRejected,
     NodesFailed,
     NodeTimeout,
@@ -22,7 +23,11 @@ NodeCall = Callable[[NodeClient], Awaitable[Any]]
 
 
 def note_failure(client: NodeClient, error: NodeError) -> None:
-    """Mark a node down when the failure is the node's (not a refusal or a webui error body)."""
+    """Mark a node down when the failure is the node's (not a refusal or a webui error body).
+
+    A status or body that is not the webui's own (a 3xx, 429, 413, an HTML page), an answer too
+    large, or one that is not JSON is the node's: errors.py says whose fault each is.
+    """
     if isinstance(error, NodeUnreachable | NodeTimeout) or (
         isinstance(error, NodeBadResponse) and error.answered is None
     ):
@@ -79,20 +84,21 @@ def _same_answer(a: NodeError, b: NodeError) -> bool:
 
 
 async def first_answer(clients: Sequence[NodeClient], call: NodeCall) -> Any:
-    """``call`` on each client in turn until one answers; a refusal (4xx) is the answer too."""
+    """``call`` on each client in turn until one answers.
+
+    The webui's own error answer (a webui-shaped 4xx, or a 500 with its exception body) is the
+    answer too: every node would say the same. Any other failure (node trouble: unreachable,
+    a 3xx, 429, an HTML 404, a body too large) marks the node down and the next one is tried;
+    when none is left, a 502 names each node and why.
+    """
     if not clients:
         raise NoNodeAvailable("no healthy node: every node is down or unreachable")
     errors: dict[str, NodeError] = {}
     for client in clients:
         try:
             return await call(client)
-        except NodeRejected:
+        except (NodeRejected, NodeRaised):
             raise
-        except NodeBadResponse as exc:
-            if exc.answered is not None:
-                raise  # a webui error body: every node would say the same
-            note_failure(client, exc)
-            errors[client.name] = exc
         except NodeError as exc:
             note_failure(client, exc)
             errors[client.name] = exc

@@ -64,6 +64,14 @@ class Metrics:
             ["node"],
             registry=r,
         )
+        self.node_failures = Counter(
+            "sdproxy_node_failures",
+            "Calls that failed on the node's side and marked it down (probes included), by node"
+            " and kind (unreachable, timeout, bad_response, unexpected_status, too_large,"
+            " wrong_answer, raised, auth_failed).",
+            ["node", "kind"],
+            registry=r,
+        )
         self.node_healthy = Gauge(
             "sdproxy_node_healthy", "1 when the node is healthy, else 0.", ["node"], registry=r
         )
@@ -98,6 +106,9 @@ class Metrics:
 
     def observe_failover(self, node: str) -> None:
         self.failovers.labels(node).inc()
+
+    def observe_node_failure(self, node: str, kind: str) -> None:
+        self.node_failures.labels(node, kind).inc()
 
     def render(self, cluster: Cluster | None) -> bytes:
         """The text exposition, node gauges refreshed from ``cluster``."""
