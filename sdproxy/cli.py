@@ -300,7 +300,9 @@ async def _fake_node(fake: FakeNodeSettings, host: str, port: int) -> None:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on ``host`` right now."""
+    """A TCP port free on ``host`` right now, for a process that must listen on a port chosen
+    for it (a fake node the tests restart on the same port). Racy by nature: servers in this
+    process bind port 0 and read the port they got instead."""
     with socket.socket() as sock:
         sock.bind((host, 0))
         port: int = sock.getsockname()[1]
@@ -313,10 +315,9 @@ async def _demo(host: str, port: int) -> None:
     try:
         for name, per_image_s in DEMO_NODES:
             fake = FakeNodeSettings(name=name, per_image_s=per_image_s, overhead_s=0.1)
-            node_port = free_port()
-            runners.append(
-                await start_site(create_fake_app(FakeNode(fake)), "127.0.0.1", node_port)
-            )
+            runner = await start_site(create_fake_app(FakeNode(fake)), "127.0.0.1", 0)
+            runners.append(runner)
+            node_port = runner.addresses[0][1]
             nodes.append(
                 {"name": name, "url": f"http://127.0.0.1:{node_port}", "weight": 1 / per_image_s}
             )

@@ -16,6 +16,7 @@
     │   └── UnknownCheckpoint       422 (the webui's 500 body): POST options names no model
     ├── NoNodeAvailable             503: no healthy node can take the work
     ├── RequestTimeout              504: the request's overall deadline passed
+    ├── InternalError               500: a bug in sdproxy met the request twice (request id)
     ├── GenerationFailed            502: shares failed and no node could take them over
     ├── NodesFailed                 502: a call sent to every node failed on some
     └── NodeError                   one call to one node failed
@@ -65,9 +66,9 @@ Which failures are whose fault:
   node's own body with status 422 and no node is taken out. (Calls that go to one node only, such
   as interrogate or extras, pass that body on at once.)
 
-Only ``nodes.py`` catches aiohttp's and asyncio's errors and raises ``NodeError``s from them; only
-the error middleware in ``app.py`` turns these exceptions into HTTP responses, through
-:func:`error_response_parts`.
+Only ``nodes/client.py`` catches aiohttp's and asyncio's errors and raises ``NodeError``s from
+them; only the error middleware in ``server/app.py`` turns these exceptions into HTTP responses,
+through each error's ``status``, :meth:`SdproxyError.body` and :meth:`SdproxyError.headers`.
 """
 
 from __future__ import annotations
@@ -200,6 +201,15 @@ class RequestTimeout(SdproxyError):
     """The request's overall deadline passed before every image was rendered."""
 
     status = 504
+
+
+class InternalError(SdproxyError):
+    """sdproxy itself failed on a request (a bug, logged with its traceback and request id).
+
+    A job whose handling raises is tried once more on another node; a second failure gives up.
+    """
+
+    status = 500
 
 
 class _NodeFailures(SdproxyError):

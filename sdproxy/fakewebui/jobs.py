@@ -9,8 +9,15 @@ from typing import Any
 from aiohttp import web
 from PIL import Image
 
-from sdproxy.fakewebui import faults
 from sdproxy.fakewebui.catalog import check_scripts
+from sdproxy.fakewebui.faults import (
+    IN_THE_WAY,
+    answer_in_the_way,
+    lie_in_images,
+    lie_in_info,
+    lie_in_plan,
+    lie_in_request,
+)
 from sdproxy.fakewebui.infotext import Generation, info_json, infotext
 from sdproxy.fakewebui.model import (
     IMG2IMG_FIELDS,
@@ -110,7 +117,7 @@ class _Job:
             mask_blank = await asyncio.to_thread(lambda: mask.convert("L").getbbox() is None)
         plan = plan_job(
             self.mode,
-            faults.lie_in_request(self.fault, req),
+            lie_in_request(self.fault, req),
             seed=self._fixed_seed(req["seed"]),
             subseed=self._fixed_seed(req["subseed"]),
             opts=opts,
@@ -121,7 +128,7 @@ class _Job:
             mask_blank=mask_blank,
             version=node.settings.version,
         )
-        return await self._sample(faults.lie_in_plan(self.fault, plan), opts)
+        return await self._sample(lie_in_plan(self.fault, plan), opts)
 
     async def _steps(self, steps: int, images: int, size: tuple[int, int]) -> None:
         """One sampling pass; stops after the current step on interrupt or skip."""
@@ -189,7 +196,7 @@ class _Job:
             pngs.insert(0, grid)
             texts.insert(0, main)
             index_of_first_image = 1
-        info = faults.lie_in_info(
+        info = lie_in_info(
             self.fault, info_json(gen, texts, index_of_first_image, state.job_timestamp)
         )
         return await asyncio.to_thread(self._body, pngs, info)
@@ -199,7 +206,7 @@ class _Job:
         if self.mode == "img2img" and not parameters["include_init_images"]:
             parameters["init_images"] = parameters["mask"] = None
         images = [b64_png(png) for png in pngs] if self.req["send_images"] else []
-        images = faults.lie_in_images(self.fault, images)
+        images = lie_in_images(self.fault, images)
         return dump_json({"images": images, "parameters": parameters, "info": info})
 
 
@@ -253,8 +260,8 @@ async def generate(node: FakeNode, request: web.Request, payload: Any) -> web.St
     settings = node.settings
     check_scripts(settings.scripts_txt2img if mode == "txt2img" else settings.scripts_img2img, req)
     fault = node.take_fault()
-    if fault.mode in faults.IN_THE_WAY:
-        return await faults.answer_in_the_way(fault, request)
+    if fault.mode in IN_THE_WAY:
+        return await answer_in_the_way(fault, request)
     job = node.spawn(_Job(node, request, mode, req, mask, fault).run())
     # Shielded: like the webui, a job goes on when its client disconnects.
     body = await asyncio.shield(job)

@@ -1,12 +1,13 @@
-"""NodeClient and node state: the only module that talks HTTP to webui nodes."""
+"""NodeClient: the only code that talks HTTP to webui nodes.
+
+It knows how to call a node and what its answers mean as errors; what a failure means for the
+node's health is the cluster's business (cluster/state.py).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import ssl
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
@@ -18,27 +19,19 @@ from sdproxy.config import NodeSettings, SchedulerSettings
 from sdproxy.core.answers import (
     MAX_ANSWER_DEPTH,
     AnswerBudget,
-    Asked,
-    BadNodeResult,
-    check_script_answer,
     is_webui_error,
     nested_deeper_than,
-    read_part,
     webui_answers_status,
 )
-from sdproxy.core.health import NodeHealth
-from sdproxy.core.merge import Part
 from sdproxy.errors import (
     NodeAnswerTooLarge,
     NodeAuthFailed,
     NodeBadResponse,
-    NodeError,
     NodeRaised,
     NodeRejected,
     NodeTimeout,
     NodeUnexpectedStatus,
     NodeUnreachable,
-    NodeWrongAnswer,
 )
 
 _DECODE_IN_THREAD_BYTES = 1 << 20
@@ -46,39 +39,6 @@ _JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json
 # What a node without the route answers (starlette's default): for the routes every webui
 # serving its API has, that means the node is not one.
 _NO_ROUTE = ({"detail": "Not Found"}, {"detail": "Method Not Allowed"})
-
-FailureHook = Callable[[str, str], None]  # (node, kind) of every failure that marks a node down
-
-
-@dataclass
-class NodeStats:
-    """What sdproxy has seen of one node, for planning and /cluster/status."""
-
-    health: NodeHealth
-    images_rendered: int = 0
-    requests_sent: int = 0
-
-    @property
-    def healthy(self) -> bool:
-        """The node may be given work: up and not disabled."""
-        return self.health.usable
-
-    # Read-only views of the health state, for code that reads them off the stats.
-    @property
-    def consecutive_failures(self) -> int:
-        return self.health.consecutive_failures
-
-    @property
-    def last_error(self) -> str | None:
-        return self.health.last_error
-
-    @property
-    def last_error_at(self) -> float | None:
-        return self.health.last_error_at
-
-    @property
-    def last_ok_at(self) -> float | None:
-        return self.health.last_ok_at
 
 
 class NodeClient:
@@ -92,18 +52,14 @@ class NodeClient:
         session: aiohttp.ClientSession,
         settings: NodeSettings,
         scheduler: SchedulerSettings,
-        on_failure: FailureHook | None = None,
     ) -> None:
         self.settings = settings
         self.name = settings.name
-        self.health = NodeHealth(scheduler.cooldown_base_s, scheduler.cooldown_max_s)
-        self.stats = NodeStats(self.health)
         self._session = session
         self._base = URL(settings.base_url)
         self._connect_timeout_s = scheduler.connect_timeout_s
         self._max_answer_bytes = scheduler.max_node_answer_bytes
         self._bytes_per_pixel = scheduler.node_answer_bytes_per_pixel
-        self._on_failure = on_failure
         # Given explicitly, so aiohttp adds no Accept-Encoding of its own.
         self._headers = {**_JSON_HEADERS, "Accept-Encoding": scheduler.node_accept_encoding}
         if settings.username is not None and settings.password is not None:
@@ -122,7 +78,6 @@ class NodeClient:
 
         Without a budget (a benchmark run) the answer may take max_node_answer_mb.
         """
-        self.stats.requests_sent += 1
         data = orjson.dumps(body)
         limit = self._max_answer_bytes
         if budget is not None:
@@ -130,27 +85,6 @@ class NodeClient:
         return await self._call(
             "POST", f"sdapi/v1/{kind}", data, timeout_s, limit_bytes=limit, webui_route=True
         )
-
-    async def read_part(
-        self, start: int, response: Any, asked: Asked, *, allow_short: bool = False
-    ) -> Part:
-        """This node's generation answer checked against ``asked`` (answers.read_part).
-
-        In a thread: every image is base64-decoded. A wrong answer is a NodeWrongAnswer.
-        """
-        try:
-            return await asyncio.to_thread(
-                read_part, self.name, start, response, asked, allow_short=allow_short
-            )
-        except BadNodeResult as exc:
-            raise NodeWrongAnswer(self.name, str(exc)) from exc
-
-    async def check_script_answer(self, response: Any, send_images: bool) -> None:
-        """A selectable script's answer checked (envelope, images, info); else NodeWrongAnswer."""
-        try:
-            await asyncio.to_thread(check_script_answer, response, send_images)
-        except BadNodeResult as exc:
-            raise NodeWrongAnswer(self.name, str(exc)) from exc
 
     async def probe(self, timeout_s: float) -> None:
         """One cheap call that works on a busy node too; raises NodeError if it fails."""
@@ -269,26 +203,6 @@ class NodeClient:
             return _NOT_JSON
         return _TOO_DEEP if nested_deeper_than(payload, MAX_ANSWER_DEPTH) else payload
 
-    @property
-    def usable(self) -> bool:
-        """Up and not disabled: the node may be given work."""
-        return self.health.usable
-
-    def record_success(self, images: int = 0) -> bool:
-        """A call succeeded; True if the node was down and is back."""
-        self.stats.images_rendered += images
-        return self.health.record_ok(time.time())
-
-    def record_failure(self, error: NodeError, *, probe: bool = False) -> bool:
-        """A call failed: the node is down at once. True if it was up."""
-        if self._on_failure is not None:
-            self._on_failure(self.name, error.kind)
-        return self.health.record_failure(error.reason, time.time(), probe=probe)
-
-    def record_raised(self, error: NodeError) -> None:
-        """The node answered, but the job raised: noted, without taking the node out."""
-        self.health.note_error(error.reason, time.time())
-
 
 def tls_context(settings: NodeSettings) -> ssl.SSLContext | bool:
     """The TLS settings for requests to one node, built once; True: aiohttp's default."""
@@ -347,23 +261,3 @@ def _error_text(payload: Any) -> str:
             if isinstance(value, str) and value:
                 return value[:200]
     return "unexpected body"
-
-
-async def check_node(client: NodeClient, timeout_s: float) -> bool:
-    """Probe one node and record the outcome. True if it came back."""
-    try:
-        await client.probe(timeout_s)
-    except NodeRejected:
-        # It answered: reachable. A 401 here is the auth configuration's problem.
-        return client.record_success()
-    except NodeError as exc:
-        client.record_failure(exc, probe=True)
-        return False
-    return client.record_success()
-
-
-async def probe_all(clients: list[NodeClient], timeout_s: float) -> None:
-    """Probe every node concurrently and record the outcome on each."""
-    async with asyncio.TaskGroup() as group:
-        for client in clients:
-            group.create_task(check_node(client, timeout_s))

@@ -23,8 +23,8 @@ from sdproxy.errors import (
     NodesFailed,
     NodeUnexpectedStatus,
 )
-from sdproxy.nodes.client import NodeClient, check_node
-from sdproxy.nodes.fanout import call_each, first_answer
+from sdproxy.nodes.client import NodeClient
+from sdproxy.nodes.fanout import call_each, first_answer, is_node_failure
 from sdproxy.server.site import start_site
 from tests.support import bound_port
 
@@ -116,17 +116,18 @@ class TestWhoseFault:
 
     async def test_missing_generation_route_is_node_trouble(self) -> None:
         """A 404 "Not Found" for txt2img or the probe: not a webui serving its API."""
-        async with stub(answering(404, {"detail": "Not Found"})) as url:
-            async with aiohttp.ClientSession() as session:
-                node = client(session, url)
-                with pytest.raises(NodeUnexpectedStatus, match="no such route"):
-                    await node.generate("txt2img", {}, timeout_s=5)
-                with pytest.raises(NodeRejected):  # an extension's route may be missing
-                    await node.request("GET", "controlnet/version", timeout_s=5)
-                assert await check_node(node, timeout_s=5) is False
-            assert node.health.state == "down"
-            assert node.health.last_error is not None
-            assert "no such route" in node.health.last_error
+        async with (
+            stub(answering(404, {"detail": "Not Found"})) as url,
+            aiohttp.ClientSession() as session,
+        ):
+            node = client(session, url)
+            with pytest.raises(NodeUnexpectedStatus, match="no such route"):
+                await node.generate("txt2img", {}, timeout_s=5)
+            with pytest.raises(NodeRejected):  # an extension's route may be missing
+                await node.request("GET", "controlnet/version", timeout_s=5)
+            with pytest.raises(NodeUnexpectedStatus, match="no such route") as probed:
+                await node.probe(timeout_s=5)
+        assert is_node_failure(probed.value)
 
     async def test_deep_json_is_not_passed_on(self) -> None:
         """An answer nested deeper than the limit is a NodeBadResponse, never a crash later."""
@@ -243,21 +244,21 @@ class TestOneNodeCalls:
     """first_answer and call_each apply the same classification."""
 
     async def test_first_answer_skips_a_node_in_trouble(self) -> None:
-        """An HTML 404 (a proxy in the way) marks the node down; the next node answers."""
+        """An HTML 404 (a proxy in the way) is the node's failure; the next node answers."""
         async with (
             stub(answering(404, NOT_FOUND_HTML, "text/html")) as bad_url,
             stub(answering(200, {"ok": True})) as good_url,
             aiohttp.ClientSession() as session,
         ):
             bad, good = client(session, bad_url, "bad"), client(session, good_url, "good")
-            for node in (bad, good):
-                node.record_success()
-
+            failed: list[NodeError] = []
             answer = await first_answer(
-                [bad, good], lambda c: c.request("GET", "sdapi/v1/options", timeout_s=5)
+                [bad, good],
+                lambda c: c.request("GET", "sdapi/v1/options", timeout_s=5),
+                failed.append,
             )
         assert answer == {"ok": True}
-        assert (bad.health.state, good.health.state) == ("down", "up")
+        assert [(e.node, is_node_failure(e)) for e in failed] == [("bad", True)]
 
     async def test_first_answer_passes_the_webuis_own_refusal(self) -> None:
         """A webui-shaped 422 is the answer: the second node is not asked."""
@@ -274,12 +275,15 @@ class TestOneNodeCalls:
             aiohttp.ClientSession() as session,
         ):
             nodes = [client(session, first_url, "a"), client(session, second_url, "b")]
+            failed: list[NodeError] = []
             with pytest.raises(NodeRejected) as caught:
                 await first_answer(
-                    nodes, lambda c: c.request("POST", "sdapi/v1/png-info", {}, timeout_s=5)
+                    nodes,
+                    lambda c: c.request("POST", "sdapi/v1/png-info", {}, timeout_s=5),
+                    failed.append,
                 )
         assert caught.value.body() == refusal
-        assert asked == []
+        assert (asked, failed) == ([], [])
 
     async def test_every_node_in_trouble_is_a_502_naming_them(self) -> None:
         """When no node answers as a webui, the error names each node and why."""
@@ -289,12 +293,13 @@ class TestOneNodeCalls:
             aiohttp.ClientSession() as session,
         ):
             nodes = [client(session, a_url, "a"), client(session, b_url, "b")]
+            failed: list[NodeError] = []
             with pytest.raises(NodesFailed) as caught:
                 await first_answer(
-                    nodes, lambda c: c.request("GET", "sdapi/v1/memory", timeout_s=5)
+                    nodes, lambda c: c.request("GET", "sdapi/v1/memory", timeout_s=5), failed.append
                 )
             answers, errors = await call_each(
-                nodes, lambda c: c.request("GET", "sdapi/v1/memory", timeout_s=5)
+                nodes, lambda c: c.request("GET", "sdapi/v1/memory", timeout_s=5), failed.append
             )
         assert caught.value.status == 502
         assert set(caught.value.failures) == {"a", "b"}
@@ -302,4 +307,5 @@ class TestOneNodeCalls:
         assert "redirect" in caught.value.failures["b"]
         assert answers == {}
         assert {type(e) for e in errors.values()} == {NodeUnexpectedStatus}
-        assert [n.health.state for n in nodes] == ["down", "down"]
+        assert sorted(e.node for e in failed) == ["a", "a", "b", "b"]
+        assert all(map(is_node_failure, failed))
