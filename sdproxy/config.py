@@ -24,12 +24,11 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from sdproxy.environment import NODES_VARIABLE, Environment, read_environment
+from sdproxy.environment import DUPLICATE_NAME, describe_validation_error, read_environment
 from sdproxy.errors import ConfigError
 
 _file_data: ContextVar[dict[str, Any] | None] = ContextVar("_file_data", default=None)
 _environment_data: ContextVar[dict[str, Any] | None] = ContextVar("_environment_data", default=None)
-_DUPLICATE = "duplicate_node_name"
 
 
 class _Section(BaseModel):
@@ -106,6 +105,16 @@ class SchedulerSettings(_Section):
     # A request whose client went away: "interrupt" its running jobs and drop the rest, or
     # "finish" it (its images are autosaved). Unset: "finish" with autosave on, else "interrupt".
     on_disconnect: Literal["interrupt", "finish"] | None = None
+    # What sdproxy reads of a node's answer before it counts the node as failed: a generation
+    # may take this many bytes per pixel of every image it can return (core/answers.py), any
+    # other call (and a selectable script's generation, at least) max_node_answer_mb.
+    node_answer_bytes_per_pixel: Annotated[float, Field(gt=0)] = 8.0
+    max_node_answer_mb: Annotated[float, Field(gt=0)] = 512.0
+    node_accept_encoding: Literal["identity", "gzip"] = "identity"
+
+    @property
+    def max_node_answer_bytes(self) -> int:
+        return int(self.max_node_answer_mb * 1024 * 1024)
 
 
 class BenchmarkSettings(_Section):
@@ -256,7 +265,7 @@ class Settings(BaseSettings):
         for index, node in enumerate(nodes):
             if node.name in seen:
                 raise PydanticCustomError(
-                    _DUPLICATE,
+                    DUPLICATE_NAME,
                     "duplicate node name '{name}' (nodes[{first}] has it too)",
                     {"index": index, "first": seen[node.name], "name": node.name},
                 )
@@ -357,42 +366,3 @@ def _with_state_file(settings: Settings, config_path: Path | None) -> Settings:
         state = base / state
     benchmark = bench.model_copy(update={"state_file": state})
     return settings.model_copy(update={"benchmark": benchmark})
-
-
-def describe_validation_error(
-    exc: ValidationError,
-    data: dict[str, Any],
-    environment: Environment | None = None,
-    path: Path | None = None,
-) -> str:
-    """The first problem of ``exc`` in one line: where it came from (the variable that set
-    it, else the file, else "environment"), its key, and what is wrong."""
-    first = exc.errors(include_url=False)[0]
-    loc = tuple(first["loc"])
-    ctx = first.get("ctx") or {}
-    if first["type"] == _DUPLICATE:
-        loc = ("nodes", int(ctx["index"]), "name")
-    variable = environment.origin_of(loc) if environment is not None else None
-    where = variable or (str(path) if path is not None else "environment")
-    # Name a node by the list the value came from: SDPROXY_NODES replaces the file's.
-    source = environment.data if environment and variable == NODES_VARIABLE else data
-    nodes = source.get("nodes")
-    parts: list[str] = []
-    for part in loc:
-        if isinstance(part, int) and parts == ["nodes"] and isinstance(nodes, list):
-            entry = nodes[part] if part < len(nodes) else None
-            name = entry.get("name") if isinstance(entry, dict) else None
-            parts[-1] = f"nodes[{part}]" + (f" ({name})" if isinstance(name, str) else "")
-        else:
-            parts.append(str(part))
-    key = ".".join(parts) or "(top level)"
-    message = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        message = "unknown key"
-    elif first["type"] == "model_type":
-        message = "expected a table of keys" if variable is None else "expected a JSON object"
-    elif first["type"] == "missing":
-        message = "required key missing"
-        if loc == ("nodes",) and path is None:
-            message += f" (give --config, or {NODES_VARIABLE} as a JSON list of nodes)"
-    return f"{where}: {key}: {message}"

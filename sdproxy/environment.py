@@ -1,4 +1,5 @@
-"""The SDPROXY_* environment variables as settings data, and which variable set which key.
+"""Where settings come from: the SDPROXY_* variables as settings data, and which variable (or
+else the file) set a key, to name the real source of a bad value in one line.
 
 ``SDPROXY_<SECTION>__<KEY>`` sets one key (a list key also takes ``a,b,c``), ``SDPROXY_<SECTION>``
 a whole section as a JSON object, ``SDPROXY_NODES`` the node list as JSON. Other ``SDPROXY_*``
@@ -13,14 +14,16 @@ import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from sdproxy.errors import ConfigError
 
 PREFIX = "SDPROXY_"
 NODES_VARIABLE = "SDPROXY_NODES"
+DUPLICATE_NAME = "duplicate_node_name"  # the error type of Settings' unique-name check
 _NODES_EXAMPLE = '[{"name": "gpu-a", "url": "http://10.0.0.5:7861"}]'
 
 
@@ -108,3 +111,42 @@ def _is_list(model: type[BaseModel], key: str) -> bool:
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         candidates = list(typing.get_args(annotation))
     return any(typing.get_origin(c) in (list, tuple) or c in (list, tuple) for c in candidates)
+
+
+def describe_validation_error(
+    exc: ValidationError,
+    data: dict[str, Any],
+    environment: Environment | None = None,
+    path: Path | None = None,
+) -> str:
+    """The first problem of ``exc`` in one line: where it came from (the variable that set
+    it, else the file, else "environment"), its key, and what is wrong."""
+    first = exc.errors(include_url=False)[0]
+    loc = tuple(first["loc"])
+    ctx = first.get("ctx") or {}
+    if first["type"] == DUPLICATE_NAME:
+        loc = ("nodes", int(ctx["index"]), "name")
+    variable = environment.origin_of(loc) if environment is not None else None
+    where = variable or (str(path) if path is not None else "environment")
+    # Name a node by the list the value came from: SDPROXY_NODES replaces the file's.
+    source = environment.data if environment and variable == NODES_VARIABLE else data
+    nodes = source.get("nodes")
+    parts: list[str] = []
+    for part in loc:
+        if isinstance(part, int) and parts == ["nodes"] and isinstance(nodes, list):
+            entry = nodes[part] if part < len(nodes) else None
+            name = entry.get("name") if isinstance(entry, dict) else None
+            parts[-1] = f"nodes[{part}]" + (f" ({name})" if isinstance(name, str) else "")
+        else:
+            parts.append(str(part))
+    key = ".".join(parts) or "(top level)"
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "unknown key"
+    elif first["type"] == "model_type":
+        message = "expected a table of keys" if variable is None else "expected a JSON object"
+    elif first["type"] == "missing":
+        message = "required key missing"
+        if loc == ("nodes",) and path is None:
+            message += f" (give --config, or {NODES_VARIABLE} as a JSON list of nodes)"
+    return f"{where}: {key}: {message}"
