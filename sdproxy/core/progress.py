@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -210,19 +211,43 @@ def _client_batches(
 ) -> dict[str, Any]:
     """job, job_count and job_no counted in the client's batches, as one webui counts them.
 
-    Images done are those back from the nodes plus, on each node, the share of its job its
-    own job_no says is finished. Until a node has begun (job_count still 0 or -1 everywhere)
-    and nothing is back, job_count is -1, as right after the webui's ``begin()``.
+    job_no is the batches finished: the images back from the nodes plus, on each node, the
+    share of its job its own job_no says is finished. ``job`` is "Batch job_no + 1", as on a
+    webui while it samples, but no further than the batches the nodes have begun: between a
+    batch's end (job_no moves on) and the next one's start, the webui still names the batch
+    just finished. Until a node has begun (job_count still 0 or -1 everywhere) and nothing is
+    back, job_count is -1, as right after the webui's ``begin()``.
     """
     started = any(_number(_state(n.answer).get("job_count")) > 0 for n in nodes)
     count = job_count(request)
     if not started and done_images == 0:
         return {"job": f"scripts_{request.kind}", "job_count": -1, "job_no": 0}
-    images_done = Fraction(done_images) + sum(
+    passes = count // request.n_iter
+    finished = Fraction(done_images) + sum(
         (n.images * _batches_done(n.answer) for n in nodes), Fraction(0)
     )
-    job_no = min(math.floor(images_done * count / total), count)
-    passes = count // request.n_iter
-    batch = min(job_no // passes, request.n_iter - 1)
-    job = f"Batch {batch + 1} out of {request.n_iter}" if request.n_iter > 1 else ""
+    job_no = min(math.floor(finished * count / total), count)
+    begun = Fraction(done_images) + sum((_images_begun(n, passes) for n in nodes), Fraction(0))
+    batch_size = Fraction(total, request.n_iter)
+    batch = min(job_no // passes + 1, max(math.ceil(begun / batch_size), 1), request.n_iter)
+    job = f"Batch {batch} out of {request.n_iter}" if request.n_iter > 1 else ""
     return {"job": job or f"scripts_{request.kind}", "job_count": count, "job_no": job_no}
+
+
+_BATCH = re.compile(r"Batch (\d+) out of (\d+)")
+
+
+def _images_begun(node: NodeProgress, passes: int) -> Fraction:
+    """Images in the batches a node has begun: its "Batch k out of N", else its job_no."""
+    state = _state(node.answer)
+    count, done = state.get("job_count"), state.get("job_no")
+    if not isinstance(count, int) or count <= 0:
+        return Fraction(0)
+    iterations = max(count // passes, 1)
+    job = state.get("job")
+    match = _BATCH.fullmatch(job) if isinstance(job, str) else None
+    if match is not None and int(match[2]) > 0:
+        begun, iterations = int(match[1]), int(match[2])
+    else:
+        begun = (done // passes if isinstance(done, int) else 0) + 1
+    return Fraction(node.images * min(max(begun, 0), iterations), iterations)

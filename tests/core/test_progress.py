@@ -173,7 +173,11 @@ class TestBusy:
         assert answer["current_image"] == "fast"
 
     def test_job_counts_are_the_clients_batches(self) -> None:
-        """n_iter 4 on two nodes of 2 iterations each: job_count 4, batches counted overall."""
+        """n_iter 4 on two nodes of 2 iterations each: job_count 4, batches counted overall.
+
+        One batch is done (job_no 1) and two more are being rendered at once: "Batch 2", as a
+        webui would say after one batch.
+        """
         req = request(batch_size=1, n_iter=4)
         nodes = [
             NodeProgress(2, busy(0.6, job_count=2, job_no=1)),
@@ -222,8 +226,13 @@ class TestBusy:
         step = data.draw(st.integers(0, 20), label="step")
         fraction = min(0.01 + job_no / count + step / 20 / count, 1.0)  # Api.progressapi
         node = busy(fraction, job_count=count, job_no=job_no, step=step)
+        # The batch begun last: job_no's, or (between a batch's end and the next one's start)
+        # the one just finished.
+        begun = job_no // passes + data.draw(st.sampled_from([0, 1] if job_no else [1]))
         node["state"]["job"] = (
-            f"Batch {job_no // passes + 1} out of {n_iter}" if n_iter > 1 else "scripts_txt2img"
+            f"Batch {min(max(begun, 1), n_iter)} out of {n_iter}"
+            if n_iter > 1
+            else "scripts_txt2img"
         )
         req = request(batch_size=batch, n_iter=n_iter, enable_hr=hires)
         answer = aggregate_progress(
