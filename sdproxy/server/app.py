@@ -16,7 +16,7 @@ from sdproxy.config import Settings
 from sdproxy.errors import SdproxyError, webui_error_body
 from sdproxy.ops.autosave import Autosaver
 from sdproxy.ops.metrics import Metrics
-from sdproxy.server import admin, generation, openapi, webui
+from sdproxy.server import admin, docs, generation, openapi, webui
 from sdproxy.server.accesslog import make_access_middleware
 from sdproxy.server.auth import auth_middleware
 from sdproxy.server.bodies import body_limit_middleware, body_too_large, json_response
@@ -152,4 +152,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/metrics", admin.prometheus_metrics)
     webui.add_webui_routes(app)
     app.router.add_get("/openapi.json", openapi.openapi_json, allow_head=False)
+    docs.add_docs_routes(app)
     app.router.add_post("/cluster/benchmark", admin.cluster_benchmark)

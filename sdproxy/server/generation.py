@@ -27,7 +27,8 @@ WARNING_HEADER = "X-Sdproxy-Warning"
 
 
 def format_shares(shares: list[tuple[str, int, int]]) -> str:
-    """``gpu-a:0-3,gpu-b:4-5``: which node rendered which image indices (inclusive)."""
+    """``gpu-a:0-3,gpu-b:4-5``: which node rendered which images (indices into ``images``,
+    grid excluded, inclusive), one entry per node range; a script request names its node."""
     return ",".join(f"{node}:{first}-{last}" for node, first, last in shares)
 
 

@@ -260,7 +260,11 @@ async def skip(request: web.Request) -> web.Response:
 
 
 async def progress(request: web.Request) -> web.Response:
-    """GET /sdapi/v1/progress over the nodes working for the running requests."""
+    """GET /sdapi/v1/progress: the running request as one webui shows its current job.
+
+    With several requests rendering at once, the oldest is the job shown, as on a webui the
+    others would wait in its queue. Idle, the state keeps the last request's figures.
+    """
     raw = request.query.get("skip_current_image", "false")
     skip_image = parse_bool(raw)
     if skip_image is None:
@@ -273,24 +277,33 @@ async def progress(request: web.Request) -> web.Response:
                 )
             ]
         )
-    running = _cluster(request).running_jobs()
+    cluster = _cluster(request)
+    running = cluster.running_jobs()
     if not running:
-        return json_response(idle_progress())
-    runs = {job.run for _, job in running}
+        return json_response(idle_progress(cluster.last_run.job))
+    run = min((job.run for _, job in running), key=lambda r: r.started_at)
+    mine = [(node, job) for node, job in running if job.run is run]
     params = {"skip_current_image": "true" if skip_image else "false"}
     timeout_s = _read_timeout_s(request)
-    cluster = _cluster(request)
     answers, _ = await call_each(
-        [cluster.clients[node] for node, _ in running],
+        [cluster.clients[node] for node, _ in mine],
         lambda c: c.request("GET", "sdapi/v1/progress", params=params, timeout_s=timeout_s),
         cluster.note_failure,
     )
-    nodes = [NodeProgress(job.images, _dict_or_none(answers.get(node))) for node, job in running]
-    total = sum(run.request.total_images for run in runs)
+    nodes = [NodeProgress(job.images, _dict_or_none(answers.get(node))) for node, job in mine]
+    whole = [node.answer for node in nodes if node.answer is not None]
+    if not run.request.splittable and whole:
+        # A script request runs whole on one webui: its own progress is the job's (a script
+        # such as X/Y/Z plot sets its own job_count).
+        return json_response(whole[0])
     # Images still to come (rendering or queued) are the run's remaining ones.
-    done = sum(run.request.total_images - max(run.remaining, 0) for run in runs)
+    done = run.request.total_images - max(run.remaining, 0)
     body = aggregate_progress(
-        nodes, done_images=max(done, 0), total_images=total, skip_current_image=skip_image
+        run.request,
+        nodes,
+        done_images=max(done, 0),
+        interrupted=run.interrupted,
+        skip_current_image=skip_image,
     )
     return json_response(body)
 
