@@ -18,7 +18,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sdproxy.errors import RequestValidationError, validation_error
+from sdproxy.errors import RequestValidationError as RequestValidationError  # what it raises
+from sdproxy.errors import validation_error
 
 Kind = Literal["int", "float", "str", "bool", "list", "list_str", "dict", "dict_str"]
 Loc = list[str | int]

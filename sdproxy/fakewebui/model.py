@@ -18,10 +18,10 @@ from sdproxy.core.webui_model import (
     FieldSpec,
     InvalidValue,
     Kind,
+    RequestValidationError,
     coerce,
     validate_model,
 )
-from sdproxy.errors import RequestValidationError
 
 __all__ = [
     "IMG2IMG_FIELDS",
