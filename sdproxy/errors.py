@@ -8,6 +8,9 @@
     │   ├── RequestValidationError  422, FastAPI's validation body
     │   ├── BodyTooLarge            413
     │   ├── BodyTimeout             408: the body did not arrive within body_timeout_s
+    │   ├── BadBody                 400: the body cannot be read (broken encoding or chunking)
+    │   ├── UnsupportedEncoding     415: a Content-Encoding sdproxy does not decode
+    │   ├── ExpectationFailed       417: an Expect header other than 100-continue
     │   ├── ClientGone              499 (nginx's code): the client left before its body arrived
     │   ├── NotAuthenticated        401, the webui's --api-auth bodies
     │   ├── NotFound                404
@@ -103,6 +106,30 @@ class BodyTimeout(ClientError):
     """The client sent its body too slowly."""
 
     status = 408
+    error_name = "HTTPException"
+
+
+class BadBody(ClientError):
+    """The body could not be read: a corrupt compressed stream or broken chunking.
+
+    FastAPI's answer to a body it cannot decode: 400 "There was an error parsing the body".
+    """
+
+    status = 400
+    error_name = "HTTPException"
+
+
+class UnsupportedEncoding(ClientError):
+    """The body has a Content-Encoding sdproxy does not decode (RFC 9110: 415)."""
+
+    status = 415
+    error_name = "HTTPException"
+
+
+class ExpectationFailed(ClientError):
+    """An Expect header other than 100-continue (RFC 9110: 417)."""
+
+    status = 417
     error_name = "HTTPException"
 
 

@@ -19,7 +19,12 @@ from sdproxy.ops.metrics import Metrics
 from sdproxy.server import admin, generation, openapi, webui
 from sdproxy.server.accesslog import make_access_middleware
 from sdproxy.server.auth import auth_middleware
-from sdproxy.server.bodies import body_limit_middleware, body_too_large, json_response
+from sdproxy.server.bodies import (
+    body_limit_middleware,
+    body_too_large,
+    defer_expect_continue,
+    json_response,
+)
 from sdproxy.server.dashboard import cluster_page
 from sdproxy.server.keys import (
     autosave_key,
@@ -137,6 +142,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_benchmarks)
     app.cleanup_ctx.append(_autosave)
     add_routes(app)
+    defer_expect_continue(app)  # 100 Continue only once the body is wanted
     log.debug("sdproxy %s app created for %d nodes", __version__, len(settings.nodes))
     return app
 

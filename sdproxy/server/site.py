@@ -26,6 +26,9 @@ def connection_limits(server: ServerSettings) -> dict[str, Any]:
         "max_field_size": server.max_field_size,
         "max_headers": server.max_headers,
         "keepalive_timeout": server.keepalive_timeout_s,
+        # Bodies are inflated by bodies.read_body, with the size limit on the inflated bytes
+        # and a 4xx for what it cannot decode (aiohttp's own answers plain text, or logs).
+        "auto_decompress": False,
     }
 
 
