@@ -18,6 +18,7 @@
     │   ├── NotSupported            501: node-local actions (create/*, train/*)
     │   └── UnknownCheckpoint       422 (the webui's 500 body): POST options names no model
     ├── NoNodeAvailable             503: no healthy node can take the work
+    ├── ShuttingDown                503: sdproxy stopped before the request finished
     ├── RequestTimeout              504: the request's overall deadline passed
     ├── InternalError               500: a bug in sdproxy met the request twice (request id)
     ├── GenerationFailed            502: shares failed and no node could take them over
@@ -199,6 +200,15 @@ class NoNodeAvailable(SdproxyError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after_s)}
+
+
+class ShuttingDown(SdproxyError):
+    """sdproxy is stopping and the request was still running when shutdown_grace_s ended."""
+
+    status = 503
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1", "Connection": "close"}
 
 
 class RequestTimeout(SdproxyError):

@@ -26,6 +26,7 @@ from sdproxy.server.bodies import (
     json_response,
 )
 from sdproxy.server.dashboard import cluster_page
+from sdproxy.server.drain import Drain, drain_key
 from sdproxy.server.keys import (
     autosave_key,
     benchmarker_key,
@@ -124,11 +125,13 @@ async def _autosave(app: web.Application) -> AsyncIterator[None]:
 def create_app(settings: Settings) -> web.Application:
     """The sdproxy application for ``settings``; resources open when it starts."""
     metrics = Metrics()  # one registry per app: tests run many apps in one process
+    drain = Drain(settings.server.shutdown_grace_s)
     app = web.Application(
         # The access log is outermost: it sees the status the error middleware answered, and
         # the error middleware answers what the ones inside it raise.
         middlewares=[
             make_access_middleware(metrics),
+            drain.middleware,  # a request still running after the shutdown grace: 503
             error_middleware,
             auth_middleware(settings.server),
             body_limit_middleware(settings.server),
@@ -137,6 +140,8 @@ def create_app(settings: Settings) -> web.Application:
     )
     app[settings_key] = settings
     app[metrics_key] = metrics
+    app[drain_key] = drain
+    app.on_shutdown.append(drain.stop)
     app.cleanup_ctx.append(_client_session)
     app.cleanup_ctx.append(_cluster)
     app.cleanup_ctx.append(_benchmarks)

@@ -32,6 +32,7 @@ from sdproxy.logs import RateLimitedLog
 from sdproxy.server.accesslog import BadRequestLog
 from sdproxy.server.app import create_app
 from sdproxy.server.bodies import json_response
+from sdproxy.server.drain import ANSWER_MARGIN_S
 from sdproxy.server.keys import metrics_key
 
 log = logging.getLogger(__name__)
@@ -180,9 +181,10 @@ async def start_site(
 ) -> web.AppRunner:
     """Serve ``app`` on host:port; the caller owns the runner's cleanup().
 
-    cleanup() stops accepting connections, waits up to ``shutdown_timeout_s`` for requests in
-    flight, then cancels them. ``handler_cancellation`` cancels a handler whose client has
-    disconnected (aiohttp does not by default). ``server_args`` go to aiohttp's request handler (see
+    cleanup() stops accepting connections, runs the app's on_shutdown (sdproxy's drain: the
+    grace, then 503s), waits up to ``shutdown_timeout_s`` for requests still in flight, then
+    cancels them. ``handler_cancellation`` cancels a handler whose client has disconnected
+    (aiohttp does not by default). ``server_args`` go to aiohttp's request handler (see
     connection_limits).
     """
     runner = _Runner(
@@ -202,12 +204,34 @@ async def start_site(
 
 
 async def start_proxy(settings: Settings, host: str, port: int) -> web.AppRunner:
-    """Serve sdproxy: handlers of departed clients are cancelled, shutdown waits the grace."""
+    """Serve sdproxy: handlers of departed clients are cancelled; stopping drains (drain.py)."""
     return await start_site(
         create_app(settings),
         host,
         port,
-        shutdown_timeout_s=settings.server.shutdown_grace_s,
+        # on_shutdown (the drain) has waited shutdown_grace_s and answered what was left.
+        shutdown_timeout_s=ANSWER_MARGIN_S,
         handler_cancellation=True,
         **connection_limits(settings.server),
     )
+
+
+# After the grace and the 503s, how long closing the cluster (lanes, node connections) may take.
+CLOSE_MARGIN_S = 10.0
+
+
+async def stop_proxy(runner: web.AppRunner, settings: Settings) -> None:
+    """Stop serving within ``shutdown_grace_s`` plus margins, whatever is still running.
+
+    cleanup(): no new connections; requests in flight get the grace, then a 503 (drain.py);
+    then the cluster closes. Should any of it hang, the process is not held hostage by it.
+    """
+    budget_s = settings.server.shutdown_grace_s + 2 * ANSWER_MARGIN_S + CLOSE_MARGIN_S
+    stopping = asyncio.ensure_future(runner.cleanup())
+    done, _ = await asyncio.wait([stopping], timeout=budget_s)
+    if done:
+        await stopping  # its exception, if it raised one
+        return
+    # A deadline passed, not an error: nothing to log a traceback of.
+    log.error("stopping took longer than %g s: exiting with work still stopping", budget_s)
+    stopping.cancel()
