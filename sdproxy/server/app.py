@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -31,6 +32,7 @@ from sdproxy.server.keys import (
     autosave_key,
     benchmarker_key,
     cluster_key,
+    image_gate_key,
     metrics_key,
     session_key,
     settings_key,
@@ -142,6 +144,7 @@ def create_app(settings: Settings) -> web.Application:
     app[metrics_key] = metrics
     app[drain_key] = drain
     app.on_shutdown.append(drain.stop)
+    app[image_gate_key] = asyncio.Semaphore(settings.server.image_decode_threads)
     app.cleanup_ctx.append(_client_session)
     app.cleanup_ctx.append(_cluster)
     app.cleanup_ctx.append(_benchmarks)
