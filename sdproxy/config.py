@@ -104,6 +104,16 @@ class SchedulerSettings(_Section):
     # A request whose client went away: "interrupt" its running jobs and drop the rest, or
     # "finish" it (its images are autosaved). Unset: "finish" with autosave on, else "interrupt".
     on_disconnect: Literal["interrupt", "finish"] | None = None
+    # What sdproxy reads of a node's answer before it counts the node as failed: a generation
+    # may take this many bytes per pixel of every image it can return (core/answers.py), any
+    # other call (and a selectable script's generation, at least) max_node_answer_mb.
+    node_answer_bytes_per_pixel: Annotated[float, Field(gt=0)] = 8.0
+    max_node_answer_mb: Annotated[float, Field(gt=0)] = 512.0
+    node_accept_encoding: Literal["identity", "gzip"] = "identity"
+
+    @property
+    def max_node_answer_bytes(self) -> int:
+        return int(self.max_node_answer_mb * 1024 * 1024)
 
 
 class BenchmarkSettings(_Section):

@@ -8,13 +8,21 @@ the job raised, or a failure of the node: see the NodeError classes in errors.py
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 
 from sdproxy.cluster.work import Job
-from sdproxy.core.merge import BadNodeResult, Part, read_part
+from sdproxy.core.answers import (
+    BadNodeResult,
+    answer_budget,
+    asked_of,
+    check_script_answer,
+    read_part,
+)
+from sdproxy.core.merge import Part
 from sdproxy.core.request import node_body
-from sdproxy.errors import NodeBadResponse, NodeError
+from sdproxy.errors import NodeError, NodeWrongAnswer
 from sdproxy.nodes.client import NodeClient
 
 
@@ -54,21 +62,21 @@ async def execute(client: NodeClient, job: Job, timeout_s: float) -> Outcome:
     """Send ``job`` to ``client``'s node and read the answer."""
     run, chunk = job.run, job.chunk
     request = run.request
+    body = body_for(job)
+    budget = answer_budget(request, chunk.images, script=job.whole)
     try:
-        response = await client.generate(request.kind, body_for(job), timeout_s)
+        response = await client.generate(request.kind, body, timeout_s, budget)
     except NodeError as exc:
         return Failed(exc)
-    if job.whole:
-        return RenderedWhole(response)
+    # Checked against what was asked, in a thread: every image is base64-decoded.
     try:
-        part = read_part(
-            client.name,
-            chunk.start,
-            chunk.images,
-            response,
-            request.send_images,
-            allow_short=run.interrupted,
+        if job.whole:
+            await asyncio.to_thread(check_script_answer, response, request.send_images)
+            return RenderedWhole(response)
+        asked = asked_of(request, body)
+        part = await asyncio.to_thread(
+            read_part, client.name, chunk.start, response, asked, allow_short=run.interrupted
         )
     except BadNodeResult as exc:
-        return Failed(NodeBadResponse(client.name, str(exc)))
+        return Failed(NodeWrongAnswer(client.name, str(exc)))
     return Rendered(part)

@@ -135,6 +135,7 @@ class Settler:
 
     def take_out(self, node: str, error: NodeError) -> None:
         """Mark a node down after a failure (the cluster then moves the work waiting on it)."""
+        self._metrics.observe_node_failure(node, error.kind)
         if self._state.record_failure(node, error.reason):
             log.warning("node %s is down: %s", node, error.reason)
         self._wake(node)  # its watcher now waits for the cooldown, not the interval

@@ -9,6 +9,7 @@ from typing import Any
 from sdproxy.errors import (
     NodeBadResponse,
     NodeError,
+    NodeRaised,
     NodeRejected,
     NodesFailed,
     NodeTimeout,
@@ -24,7 +25,11 @@ FailureSink = Callable[[NodeError], None]
 
 
 def is_node_failure(error: NodeError) -> bool:
-    """Whether a failed call is the node's fault (not a refusal or a webui error body)."""
+    """Whether a failed call is the node's fault (not a refusal or a webui error body).
+
+    A status or body that is not the webui's own (a 3xx, 429, 413, an HTML page), an answer too
+    large, or one that is not JSON is the node's: errors.py says whose fault each is.
+    """
     return isinstance(error, NodeUnreachable | NodeTimeout) or (
         isinstance(error, NodeBadResponse) and error.answered is None
     )
@@ -82,20 +87,21 @@ def _same_answer(a: NodeError, b: NodeError) -> bool:
 async def first_answer(
     clients: Sequence[NodeClient], call: NodeCall, on_failure: FailureSink
 ) -> Any:
-    """``call`` on each client in turn until one answers; a refusal (4xx) is the answer too."""
+    """``call`` on each client in turn until one answers.
+
+    The webui's own error answer (a webui-shaped 4xx, or a 500 with its exception body) is the
+    answer too: every node would say the same. Any other failure (node trouble: unreachable,
+    a 3xx, 429, an HTML 404, a body too large) goes to ``on_failure`` and the next node is
+    tried; when none is left, a 502 names each node and why.
+    """
     if not clients:
         raise NoNodeAvailable("no healthy node: every node is down or unreachable")
     errors: dict[str, NodeError] = {}
     for client in clients:
         try:
             return await call(client)
-        except NodeRejected:
+        except (NodeRejected, NodeRaised):
             raise
-        except NodeBadResponse as exc:
-            if exc.answered is not None:
-                raise  # a webui error body: every node would say the same
-            on_failure(exc)
-            errors[client.name] = exc
         except NodeError as exc:
             on_failure(exc)
             errors[client.name] = exc

@@ -63,6 +63,14 @@ class Metrics:
             ["node"],
             registry=r,
         )
+        self.node_failures = Counter(
+            "sdproxy_node_failures",
+            "Jobs and API calls that failed on the node's side and took it out (probes not"
+            " counted), by node and kind (unreachable, timeout, bad_response, unexpected_status,"
+            " too_large, wrong_answer, raised, auth_failed).",
+            ["node", "kind"],
+            registry=r,
+        )
         self.node_healthy = Gauge(
             "sdproxy_node_healthy", "1 when the node is healthy, else 0.", ["node"], registry=r
         )
@@ -97,6 +105,9 @@ class Metrics:
 
     def observe_failover(self, node: str) -> None:
         self.failovers.labels(node).inc()
+
+    def observe_node_failure(self, node: str, kind: str) -> None:
+        self.node_failures.labels(node, kind).inc()
 
     def render(self, nodes: Iterable[NodeGauges]) -> bytes:
         """The text exposition, with the node gauges set from ``nodes``."""

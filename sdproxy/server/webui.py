@@ -93,6 +93,36 @@ FAN_OUT_POSTS = (
 # One node's work, to the least busy node.
 ONE_NODE_POSTS = ("extra-single-image", "extra-batch-images", "png-info", "interrogate")
 
+Seen = Callable[[Cluster, dict[str, Any]], Awaitable[None]]  # answers by node
+
+
+async def _record_models(cluster: Cluster, answers: dict[str, Any]) -> None:
+    for node, models in answers.items():  # routing keeps what a client's read found
+        cluster.router.record_entries(node, models)
+
+
+async def _reread_models(cluster: Cluster, answers: dict[str, Any]) -> None:
+    await cluster.router.refresh_all(list(answers))  # the nodes' lists changed
+
+
+# What the cluster learns from the answers to some calls.
+ANSWERS_SEEN: dict[str, Seen] = {
+    "sd-models": _record_models,
+    "refresh-checkpoints": _reread_models,
+}
+# For one-node reads: which nodes answer best (a node on the cluster's checkpoint tells its
+# options right), and what a node's answer must lose before a client sees it.
+PREFERRED: dict[str, Callable[[Cluster, NodeClient], bool]] = {
+    "options": lambda cluster, client: cluster.router.on_cluster_checkpoint(client.name),
+}
+SCRUBBED: dict[str, Callable[[Any], Any]] = {
+    "cmd-flags": lambda flags: redact_flags(flags) if isinstance(flags, dict) else flags,
+}
+
+
+def _as_is(answer: Any) -> Any:
+    return answer
+
 
 def _cluster(request: web.Request) -> Cluster:
     return request.app[cluster_key]
@@ -144,11 +174,8 @@ def merged_get(path: str, merge: Merge) -> Handler:
         )
         if not answers:
             raise combined_error(f"GET {path}", errors, answered=0)
-        if path == "sd-models":
-            router = _cluster(request).router
-            for client in healthy:
-                if client.name in answers:
-                    router.record_entries(client.name, answers[client.name])
+        if path in ANSWERS_SEEN:
+            await ANSWERS_SEEN[path](_cluster(request), answers)
         # Config order, so that "the first node's entry wins" is the same on every call.
         ordered = [answers[c.name] for c in healthy if c.name in answers]
         return json_response(merge(ordered))
@@ -160,9 +187,9 @@ def merged_get(path: str, merge: Merge) -> Handler:
 def one_node_get(path: str) -> Handler:
     async def handler(request: web.Request) -> web.Response:
         clients = _healthy(request)
-        if path == "options":  # a node on the cluster's checkpoint tells it right
-            router = _cluster(request).router
-            clients.sort(key=lambda c: not router.on_cluster_checkpoint(c.name))
+        if path in PREFERRED:
+            cluster, preferred = _cluster(request), PREFERRED[path]
+            clients.sort(key=lambda c: not preferred(cluster, c))
         params = dict(request.query)
         timeout_s = _read_timeout_s(request)
         answer = await _first(
@@ -170,9 +197,7 @@ def one_node_get(path: str) -> Handler:
             clients,
             lambda c: c.request("GET", f"sdapi/v1/{path}", params=params, timeout_s=timeout_s),
         )
-        if path == "cmd-flags" and isinstance(answer, dict):
-            answer = redact_flags(answer)
-        return json_response(answer)
+        return json_response(SCRUBBED.get(path, _as_is)(answer))
 
     handler.__doc__ = f"GET /sdapi/v1/{path}, from one healthy node."
     return handler
@@ -189,8 +214,8 @@ def fan_out_post(path: str) -> Handler:
             request, healthy, lambda c: c.request("POST", f"sdapi/v1/{path}", timeout_s=timeout_s)
         )
         succeeded = [c for c in healthy if c.name in answers]
-        if path == "refresh-checkpoints":
-            await _cluster(request).router.refresh_all([c.name for c in succeeded])
+        if path in ANSWERS_SEEN:
+            await ANSWERS_SEEN[path](_cluster(request), answers)
         # unload-checkpoint leaves the node's sd_model_checkpoint option, which is what routing
         # goes by: its next generation loads that checkpoint again.
         if errors:

@@ -8,8 +8,8 @@ import aiohttp
 import pytest
 
 from sdproxy.cluster import execute
+from sdproxy.core.answers import read_part as real_read_part
 from sdproxy.core.merge import Part
-from sdproxy.core.merge import read_part as real_read_part
 from sdproxy.fakewebui import FakeNodeSettings
 from tests.support import (
     SMALL,
