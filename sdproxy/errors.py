@@ -8,9 +8,9 @@
     │   ├── RequestValidationError  422, FastAPI's validation body
     │   ├── BodyTooLarge            413
     │   ├── BodyTimeout             408: the body did not arrive within body_timeout_s
-    │   ├── BadBody                 400: the body cannot be read (broken encoding or chunking)
-    │   ├── UnsupportedEncoding     415: a Content-Encoding sdproxy does not decode
-    │   ├── ExpectationFailed       417: an Expect header other than 100-continue
+    │   ├── BadBody                 400: a body that cannot be read (server/bodies.py)
+    │   ├── UnsupportedEncoding     415: a Content-Encoding not decoded (server/bodies.py)
+    │   ├── ExpectationFailed       417: an Expect but 100-continue (server/bodies.py)
     │   ├── ClientGone              499 (nginx's code): the client left before its body arrived
     │   ├── NotAuthenticated        401, the webui's --api-auth bodies
     │   ├── NotFound                404
@@ -18,7 +18,7 @@
     │   ├── NotSupported            501: node-local actions (create/*, train/*)
     │   └── UnknownCheckpoint       422 (the webui's 500 body): POST options names no model
     ├── NoNodeAvailable             503: no healthy node can take the work
-    ├── ShuttingDown                503: sdproxy stopped before the request finished
+    ├── ShuttingDown                503: still running after shutdown_grace_s (server/drain.py)
     ├── RequestTimeout              504: the request's overall deadline passed
     ├── InternalError               500: a bug in sdproxy met the request twice (request id)
     ├── GenerationFailed            502: shares failed and no node could take them over
@@ -133,30 +133,6 @@ class BodyTimeout(ClientError):
     error_name = "HTTPException"
 
 
-class BadBody(ClientError):
-    """The body could not be read: a corrupt compressed stream or broken chunking.
-
-    FastAPI's answer to a body it cannot decode: 400 "There was an error parsing the body".
-    """
-
-    status = 400
-    error_name = "HTTPException"
-
-
-class UnsupportedEncoding(ClientError):
-    """The body has a Content-Encoding sdproxy does not decode (RFC 9110: 415)."""
-
-    status = 415
-    error_name = "HTTPException"
-
-
-class ExpectationFailed(ClientError):
-    """An Expect header other than 100-continue (RFC 9110: 417)."""
-
-    status = 417
-    error_name = "HTTPException"
-
-
 class ClientGone(ClientError):
     """The client closed the connection before its body arrived; nobody reads the answer.
 
@@ -223,15 +199,6 @@ class NoNodeAvailable(SdproxyError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after_s)}
-
-
-class ShuttingDown(SdproxyError):
-    """sdproxy is stopping and the request was still running when shutdown_grace_s ended."""
-
-    status = 503
-
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": "1", "Connection": "close"}
 
 
 class RequestTimeout(SdproxyError):

@@ -26,13 +26,11 @@ from aiohttp.typedefs import Middleware
 from sdproxy.config import ServerSettings
 from sdproxy.core.jsondepth import depth_error
 from sdproxy.errors import (
-    BadBody,
     BodyTimeout,
     BodyTooLarge,
+    ClientError,
     ClientGone,
-    ExpectationFailed,
     RequestValidationError,
-    UnsupportedEncoding,
     validation_error,
 )
 from sdproxy.server.keys import settings_key
@@ -44,6 +42,24 @@ DECODED = {"gzip": zlib.MAX_WBITS | 16, "x-gzip": zlib.MAX_WBITS | 16, "deflate"
 BAD_BODY = "There was an error parsing the body"  # FastAPI's words for a body it cannot read
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _continued_key = web.RequestKey("continued", bool)
+
+
+class BadBody(ClientError):
+    """The body cannot be read (a corrupt compressed stream, broken chunking): FastAPI's 400."""
+
+    status, error_name = 400, "HTTPException"
+
+
+class UnsupportedEncoding(ClientError):
+    """The body has a Content-Encoding sdproxy does not decode (RFC 9110: 415)."""
+
+    status, error_name = 415, "HTTPException"
+
+
+class ExpectationFailed(ClientError):
+    """An Expect header other than 100-continue (RFC 9110: 417)."""
+
+    status, error_name = 417, "HTTPException"
 
 
 def body_too_large(server: ServerSettings) -> BodyTooLarge:

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from sdproxy.errors import ShuttingDown
+from sdproxy.errors import SdproxyError
 from sdproxy.server.bodies import json_response
 
 log = logging.getLogger(__name__)
@@ -25,6 +25,15 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # After the grace, how long cancelled handlers get to answer their 503.
 ANSWER_MARGIN_S = 5.0
+
+
+class ShuttingDown(SdproxyError):
+    """sdproxy is stopping and the request was still running when shutdown_grace_s ended."""
+
+    status = 503
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1", "Connection": "close"}
 
 
 class Drain:
