@@ -269,24 +269,18 @@ def missing(loc: Loc) -> dict[str, Any]:
 
 def not_le(loc: Loc, limit: int | float, shown: str | None = None) -> dict[str, Any]:
     """pydantic 1's ``le`` item; ``shown`` is the limit as the message spells it."""
-    text = shown if shown is not None else str(limit)
-    return validation_error(
-        loc,
-        f"ensure this value is less than or equal to {text}",
-        "value_error.number.not_le",
-        limit_value=limit,
-    )
+    return _bound(loc, "less", "le", limit, shown)
 
 
 def not_ge(loc: Loc, limit: int | float, shown: str | None = None) -> dict[str, Any]:
     """pydantic 1's ``ge`` item; ``shown`` is the limit as the message spells it."""
+    return _bound(loc, "greater", "ge", limit, shown)
+
+
+def _bound(loc: Loc, word: str, op: str, limit: int | float, shown: str | None) -> dict[str, Any]:
     text = shown if shown is not None else str(limit)
-    return validation_error(
-        loc,
-        f"ensure this value is greater than or equal to {text}",
-        "value_error.number.not_ge",
-        limit_value=limit,
-    )
+    message = f"ensure this value is {word} than or equal to {text}"
+    return validation_error(loc, message, f"value_error.number.not_{op}", limit_value=limit)
 
 
 # --- a model ------------------------------------------------------------------------------------
