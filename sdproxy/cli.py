@@ -23,7 +23,7 @@ from sdproxy.errors import ConfigError, NodeError
 from sdproxy.fakewebui import FakeNode, FakeNodeSettings, Fault, FaultMode, create_fake_app
 from sdproxy.logs import configure_logging
 from sdproxy.nodes.client import NodeClient
-from sdproxy.server.site import start_proxy, start_site
+from sdproxy.server.site import start_proxy, start_site, stop_proxy
 
 EXIT_OK = 0
 EXIT_CONFIG = 2  # bad configuration or arguments, like argparse's own usage errors
@@ -250,7 +250,7 @@ async def _serve(settings: Settings) -> None:
             "stopping: no new connections; waiting up to %g s for requests in flight",
             settings.server.shutdown_grace_s,
         )
-        await runner.cleanup()
+        await stop_proxy(runner, settings)
 
 
 async def run_benchmarks(settings: Settings, only: str | None) -> int:

@@ -50,7 +50,9 @@ class ServerSettings(_Section):
     max_width: Annotated[int, Field(ge=1)] = 4096
     max_height: Annotated[int, Field(ge=1)] = 4096
     max_steps: Annotated[int, Field(ge=1)] = 500
-    max_input_megapixels: Annotated[float, Field(gt=0)] = 50.0
+    max_input_megapixels: Annotated[float, Field(gt=0)] = 50.0  # each init image and mask
+    max_request_megapixels: Annotated[float, Field(gt=0)] = 100.0  # all of them together
+    image_decode_threads: Annotated[int, Field(ge=1)] = 2  # init images decoded at once
     allow_image_urls: bool = False
     # Connection-level limits of the HTTP server.
     max_line_size: Annotated[int, Field(ge=256)] = 8190

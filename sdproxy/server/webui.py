@@ -13,6 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from sdproxy.cluster.scheduler import Cluster
+from sdproxy.core.extension_paths import extension_path
 from sdproxy.core.imageurls import any_url_errors
 from sdproxy.core.inventory import (
     intersect_named,
@@ -340,11 +341,19 @@ def one_node_post(path: str) -> Handler:
 
 
 async def extension(request: web.Request) -> web.Response:
-    """An extension's own route (e.g. /controlnet/model_list), forwarded to one node."""
+    """An extension's own route (e.g. /controlnet/model_list), forwarded to one node.
+
+    A path with a dot segment, or an encoded slash or backslash, is refused with FastAPI's 404
+    (what a webui answers for a path it has no route for) before its body is read.
+    """
+    resource = request.match_info.route.resource
+    prefix = resource.canonical.split("/")[1] if resource is not None else ""
+    path = extension_path(request.raw_path, prefix)
+    if path is None:
+        raise web.HTTPNotFound()
     raw = await read_body(request)
     body = await read_json(request) if raw.strip() else None
     refuse_urls(request, body)
-    path = request.path.lstrip("/")
     params = dict(request.query)
     timeout_s = request.app[settings_key].scheduler.share_timeout_floor_s
     answer = await _first(
