@@ -17,7 +17,7 @@ from sdproxy.config import Settings
 from sdproxy.errors import SdproxyError, webui_error_body
 from sdproxy.ops.autosave import Autosaver
 from sdproxy.ops.metrics import Metrics
-from sdproxy.server import admin, docs, generation, openapi, webui
+from sdproxy.server import admin, docs, generation, openapi, running, webui
 from sdproxy.server.accesslog import make_access_middleware
 from sdproxy.server.auth import auth_middleware
 from sdproxy.server.bodies import (
@@ -165,6 +165,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/cluster", cluster_page)
     app.router.add_get("/metrics", admin.prometheus_metrics)
     webui.add_webui_routes(app)
+    running.add_running_routes(app)
     app.router.add_get("/openapi.json", openapi.openapi_json, allow_head=False)
     docs.add_docs_routes(app)
     app.router.add_post("/cluster/benchmark", admin.cluster_benchmark)
