@@ -1,6 +1,8 @@
 """GET /openapi.json: an OpenAPI 3 document of the routes this sdproxy serves.
 
-The paths come from the application's router, so the document lists exactly what is served;
+The paths come from the application's router, so the document lists what is served: every
+route, templated ones (``/cluster/nodes/{name}/...``) with their path parameters, except the
+extension routes, which forward any path under a prefix and are named in ``info.description``;
 the generation bodies are the webui's request models from the table sdproxy parses them with
 (``core/webui_model.py``), with sdproxy's bounds; fields of extensions or forks the table does not
 know are passed to the nodes, hence ``additionalProperties``.
@@ -9,6 +11,7 @@ know are passed to the nodes, hence ``additionalProperties``.
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -225,18 +228,29 @@ def _operation(path: str, method: str, handler: Any) -> dict[str, Any]:
 
 
 def build_document(app: web.Application) -> dict[str, Any]:
-    """The OpenAPI 3.0 document of ``app``'s fixed routes."""
+    """The OpenAPI 3.0 document of ``app``'s routes."""
     paths: dict[str, dict[str, Any]] = {}
+    prefixes = tuple(f"/{p}/" for p in app[settings_key].api.extension_prefixes)
     for route in app.router.routes():
         method = route.method.lower()
         path = route.resource.canonical if route.resource is not None else None
-        if method in ("head", "*") or path is None or "{" in path:
+        if method in ("head", "*") or path is None or path.startswith(prefixes):
             continue  # extension routes forward any method and path: listed in info
-        paths.setdefault(path, {})[method] = _operation(path, method, route.handler)
-    prefixes = ", ".join(f"/{p}/..." for p in app[settings_key].api.extension_prefixes)
+        operation = _operation(path, method, route.handler)
+        names = re.findall(r"\{(\w+)\}", path)
+        if names:
+            operation["parameters"] = [
+                *operation.get("parameters", []),
+                *(
+                    {"name": n, "in": "path", "required": True, "schema": {"type": "string"}}
+                    for n in names
+                ),
+            ]
+        paths.setdefault(path, {})[method] = operation
     description = "One Stable Diffusion webui API in front of many webui nodes."
     if prefixes:
-        description += f" Extension routes forwarded to a node: {prefixes}."
+        forwarded = ", ".join(f"{p}..." for p in prefixes)
+        description += f" Extension routes forwarded to a node: {forwarded}."
     return {
         "openapi": "3.0.3",
         "info": {"title": "sdproxy", "version": __version__, "description": description},

@@ -466,7 +466,7 @@ class TestOpenapi:
     """GET /openapi.json describes what this sdproxy serves."""
 
     async def test_openapi_is_valid_and_lists_every_route(self) -> None:
-        """The document passes an OpenAPI 3 validator and has every fixed route served."""
+        """The document passes an OpenAPI 3 validator and has every route served, templated too."""
         async with (
             fake_nodes(FakeNodeSettings(name="a")) as nodes,
             proxy(nodes) as url,
@@ -483,8 +483,14 @@ class TestOpenapi:
             ("/sdapi/v1/progress", "get"),
             ("/cluster/status", "get"),
             ("/internal/ping", "get"),
+            ("/cluster/nodes/{name}/disable", "post"),
+            ("/cluster/nodes/{name}/enable", "post"),
         ]:
             assert method in paths[path], (path, method)
+        enable = paths["/cluster/nodes/{name}/enable"]["post"]
+        assert {"name": "name", "in": "path"}.items() <= enable["parameters"][0].items()
+        assert not any(path.startswith("/controlnet/") for path in paths)  # named in info
+        assert "/controlnet/..." in document["info"]["description"]
         txt2img = paths["/sdapi/v1/txt2img"]["post"]["requestBody"]["content"]
         assert txt2img["application/json"]["schema"]["$ref"].endswith("/Txt2ImgRequest")
         assert "/sdapi/v1/server-kill" not in paths
