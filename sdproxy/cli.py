@@ -11,7 +11,7 @@ import statistics
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import aiohttp
 from aiohttp import web
@@ -20,10 +20,10 @@ from sdproxy import __version__
 from sdproxy.cluster.benchmark import BenchmarkResult, benchmark_node, load_state, save_state
 from sdproxy.config import NodeSettings, Settings, load_settings
 from sdproxy.errors import ConfigError, NodeError
-from sdproxy.fakewebui import FakeNode, FakeNodeSettings, Fault, create_fake_app
+from sdproxy.fakewebui import FakeNode, FakeNodeSettings, Fault, FaultMode, create_fake_app
 from sdproxy.logs import configure_logging
 from sdproxy.nodes.client import NodeClient
-from sdproxy.server.site import start_proxy, start_site
+from sdproxy.server.site import start_proxy, start_site, stop_proxy
 
 EXIT_OK = 0
 EXIT_CONFIG = 2  # bad configuration or arguments, like argparse's own usage errors
@@ -34,21 +34,62 @@ log = logging.getLogger("sdproxy")
 DEMO_NODES = (("fast", 0.15), ("medium", 0.3), ("slow", 0.6))  # (name, seconds per image)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sdproxy", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"sdproxy {__version__}")
-    parser.add_argument(
-        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+DESCRIPTION = """\
+One Stable Diffusion webui API in front of many webui nodes: sdproxy splits each txt2img and
+img2img batch across the healthy nodes, fails over, and answers as one webui would."""
+
+EPILOG = """\
+examples:
+  sdproxy demo                                  three simulated nodes, http://127.0.0.1:7860
+  sdproxy serve --config config.toml            the proxy, configured by a TOML file
+  SDPROXY_NODES='[{"name": "a", "url": "http://10.0.0.5:7861"}]' sdproxy serve
+  sdproxy benchmark --config config.toml        time every node, store the results
+
+Global options (--log-level, --log-format) go before or after the command. Exit status: 0 ok,
+1 could not start or run (port taken, benchmark failed), 2 bad configuration or arguments."""
+
+
+def _global_options(defaults: bool) -> argparse.ArgumentParser:
+    """--log-level and --log-format, accepted before the command and after it.
+
+    After it, only what is given counts (SUPPRESS), so it never undoes what came before.
+    """
+    options = argparse.ArgumentParser(add_help=False)
+    group = options.add_argument_group("global options")
+    group.add_argument(
+        "--log-level",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        default="INFO" if defaults else argparse.SUPPRESS,
+        help="log lines at this level and above (default: INFO)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--log-format",
         choices=["text", "json"],
-        default=None,
+        default=None if defaults else argparse.SUPPRESS,
         help="log lines as text or JSON objects (default: [server] log_format, else text)",
     )
-    commands = parser.add_subparsers(dest="command", required=True)
+    return options
 
-    serve = commands.add_parser("serve", help="run the proxy")
+
+def build_parser() -> argparse.ArgumentParser:
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="sdproxy",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=formatter,
+        parents=[_global_options(defaults=True)],
+    )
+    parser.add_argument("--version", action="version", version=f"sdproxy {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = [_global_options(defaults=False)]
+
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        return commands.add_parser(
+            name, help=text, description=text, parents=common, formatter_class=formatter
+        )
+
+    serve = command("serve", "run the proxy in front of the configured nodes")
     serve.add_argument(
         "--config",
         type=Path,
@@ -56,37 +97,51 @@ def build_parser() -> argparse.ArgumentParser:
         help="TOML configuration file (without it: SDPROXY_* environment variables only)",
     )
 
-    bench = commands.add_parser("benchmark", help="time every node and store the results")
+    bench = command("benchmark", "time every node and store the results")
     bench.add_argument("--config", type=Path, required=True, help="TOML configuration file")
     bench.add_argument("--node", default=None, help="only this node (by name)")
 
-    fake = commands.add_parser("fake-node", help="run one simulated webui node")
-    fake.add_argument("--host", default="127.0.0.1")
-    fake.add_argument("--port", type=int, required=True)
-    fake.add_argument("--name", default="fake")
+    fake = command("fake-node", "run one simulated webui node (for tests and trials)")
+    fake.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    fake.add_argument("--port", type=int, required=True, help="port to listen on")
+    fake.add_argument("--name", default="fake", help="the node's name in its answers (fake)")
     fake.add_argument(
-        "--per-image-s", type=_non_negative, default=0.5, help="seconds an image, 20 steps, 512px"
+        "--per-image-s",
+        type=_non_negative,
+        default=0.5,
+        help="seconds per image at 20 steps, 512x512 (0.5)",
     )
     fake.add_argument(
-        "--overhead-s", type=_non_negative, default=0.1, help="fixed seconds per request"
+        "--overhead-s", type=_non_negative, default=0.1, help="fixed seconds per request (0.1)"
     )
     fake.add_argument(
         "--models", type=_model_list, default=None, help="comma-separated checkpoint titles"
     )
     fake.add_argument("--api-auth", default=None, help="user:pass[,user2:pass2], like the webui")
-    fake.add_argument(
-        "--realistic-images",
-        action="store_true",
-        help="return PNGs as large as a webui's (about 400 KB at 512x512, 1.6 MB at 1024x1024)",
-    )
+    fake.add_argument("--realistic-images", action="store_true", help="webui-sized PNGs")
     fake.add_argument(
         "--fail-mode",
-        choices=["none", "error500", "hang", "reset", "truncated", "exit", "slow"],
+        choices=get_args(FaultMode),
         default="none",
-        help="simulate a failure on generation requests (exit: the process dies)",
+        help="simulate a failure on generation requests (exit: the process dies; the lies and "
+        "answers of servers in the way are listed in sdproxy/fakewebui/faults.py)",
     )
     fake.add_argument(
-        "--fail-after-s", type=_non_negative, default=0.0, help="seconds into a generation"
+        "--redirect-url",
+        default=Fault.redirect_url,
+        help="--fail-mode redirect: answer 307 to this base URL plus the request's path",
+    )
+    fake.add_argument(
+        "--huge-mb",
+        type=_non_negative,
+        default=Fault.huge_mb,
+        help="--fail-mode huge_body/huge_stream: megabytes to send",
+    )
+    fake.add_argument(
+        "--fail-after-s",
+        type=_non_negative,
+        default=0.0,
+        help="seconds into a generation the failure strikes (0)",
     )
     fake.add_argument(
         "--fail-times",
@@ -95,9 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="fail only the first N generation requests (default: all)",
     )
 
-    demo = commands.add_parser("demo", help="run sdproxy in front of three simulated nodes")
-    demo.add_argument("--host", default="127.0.0.1")
-    demo.add_argument("--port", type=int, default=7860)
+    demo = command("demo", "run sdproxy in front of three simulated nodes")
+    demo.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    demo.add_argument("--port", type=int, default=7860, help="port to listen on (7860)")
     return parser
 
 
@@ -149,7 +204,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             if args.models:
                 fake.models = args.models
-            fake.fault = Fault(args.fail_mode, args.fail_after_s, args.fail_times)
+            fake.fault = Fault(
+                args.fail_mode,
+                args.fail_after_s,
+                args.fail_times,
+                redirect_url=args.redirect_url,
+                huge_mb=args.huge_mb,
+            )
             asyncio.run(_fake_node(fake, args.host, args.port))
         else:
             asyncio.run(_demo(args.host, args.port))
@@ -191,7 +252,7 @@ async def _serve(settings: Settings) -> None:
             "stopping: no new connections; waiting up to %g s for requests in flight",
             settings.server.shutdown_grace_s,
         )
-        await runner.cleanup()
+        await stop_proxy(runner, settings)
 
 
 async def run_benchmarks(settings: Settings, only: str | None) -> int:
@@ -288,7 +349,9 @@ async def _fake_node(fake: FakeNodeSettings, host: str, port: int) -> None:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on ``host`` right now."""
+    """A TCP port free on ``host`` right now, for a process that must listen on a port chosen
+    for it (a fake node the tests restart on the same port). Racy by nature: servers in this
+    process bind port 0 and read the port they got instead."""
     with socket.socket() as sock:
         sock.bind((host, 0))
         port: int = sock.getsockname()[1]
@@ -301,10 +364,9 @@ async def _demo(host: str, port: int) -> None:
     try:
         for name, per_image_s in DEMO_NODES:
             fake = FakeNodeSettings(name=name, per_image_s=per_image_s, overhead_s=0.1)
-            node_port = free_port()
-            runners.append(
-                await start_site(create_fake_app(FakeNode(fake)), "127.0.0.1", node_port)
-            )
+            runner = await start_site(create_fake_app(FakeNode(fake)), "127.0.0.1", 0)
+            runners.append(runner)
+            node_port = runner.addresses[0][1]
             nodes.append(
                 {"name": name, "url": f"http://127.0.0.1:{node_port}", "weight": 1 / per_image_s}
             )

@@ -21,11 +21,14 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from sdproxy.environment import DUPLICATE_NAME, describe_validation_error, read_environment
 from sdproxy.errors import ConfigError
 
 _file_data: ContextVar[dict[str, Any] | None] = ContextVar("_file_data", default=None)
+_environment_data: ContextVar[dict[str, Any] | None] = ContextVar("_environment_data", default=None)
 
 
 class _Section(BaseModel):
@@ -47,7 +50,9 @@ class ServerSettings(_Section):
     max_width: Annotated[int, Field(ge=1)] = 4096
     max_height: Annotated[int, Field(ge=1)] = 4096
     max_steps: Annotated[int, Field(ge=1)] = 500
-    max_input_megapixels: Annotated[float, Field(gt=0)] = 50.0
+    max_input_megapixels: Annotated[float, Field(gt=0)] = 50.0  # each init image and mask
+    max_request_megapixels: Annotated[float, Field(gt=0)] = 100.0  # all of them together
+    image_decode_threads: Annotated[int, Field(ge=1)] = 2  # init images decoded at once
     allow_image_urls: bool = False
     # Connection-level limits of the HTTP server.
     max_line_size: Annotated[int, Field(ge=256)] = 8190
@@ -98,6 +103,20 @@ class SchedulerSettings(_Section):
     cooldown_base_s: Annotated[float, Field(gt=0)] = 2.0
     cooldown_max_s: Annotated[float, Field(gt=0)] = 60.0
     max_queued_images: Annotated[int, Field(ge=1)] = 4000
+    work_stealing: bool = True  # an idle node takes over waiting work it finishes earlier
+    # A request whose client went away: "interrupt" its running jobs and drop the rest, or
+    # "finish" it (its images are autosaved). Unset: "finish" with autosave on, else "interrupt".
+    on_disconnect: Literal["interrupt", "finish"] | None = None
+    # What sdproxy reads of a node's answer before it counts the node as failed: a generation
+    # may take this many bytes per pixel of every image it can return (core/answers.py), any
+    # other call (and a selectable script's generation, at least) max_node_answer_mb.
+    node_answer_bytes_per_pixel: Annotated[float, Field(gt=0)] = 8.0
+    max_node_answer_mb: Annotated[float, Field(gt=0)] = 512.0
+    node_accept_encoding: Literal["identity", "gzip"] = "identity"
+
+    @property
+    def max_node_answer_bytes(self) -> int:
+        return int(self.max_node_answer_mb * 1024 * 1024)
 
 
 class BenchmarkSettings(_Section):
@@ -110,7 +129,8 @@ class BenchmarkSettings(_Section):
     batch_sizes: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] = (1, 4)
     warmup_runs: Annotated[int, Field(ge=0)] = 1
     timed_runs: Annotated[int, Field(ge=1)] = 3
-    state_file: Path | None = None  # None: sdproxy-state.json beside the configuration file
+    state_file: Path | None = None  # None: sdproxy-state.json in state_dir
+    state_dir: Path | None = None  # None: the configuration file's directory
     on_start: bool = True  # serve benchmarks, in the background, nodes with no stored result
 
     @field_validator("batch_sizes")
@@ -132,6 +152,9 @@ class ApiSettings(_Section):
     read_timeout_s: Annotated[float, Field(gt=0)] = 30.0
     write_timeout_s: Annotated[float, Field(gt=0)] = 600.0  # POST options waits for a model load
     extension_prefixes: tuple[str, ...] = ("controlnet", "adetailer")
+    # override_settings naming a checkpoint no node has: rendered on the loaded one, as a webui
+    # does (false), or refused with 404 (true).
+    strict_checkpoints: bool = False
 
     @field_validator("extension_prefixes")
     @classmethod
@@ -237,14 +260,19 @@ class Settings(BaseSettings):
     autosave: AutosaveSettings = AutosaveSettings()
     nodes: Annotated[list[NodeSettings], Field(min_length=1)]
 
-    @model_validator(mode="after")
-    def _unique_names(self) -> Settings:
-        seen: set[str] = set()
-        for node in self.nodes:
+    @field_validator("nodes")
+    @classmethod
+    def _unique_names(cls, nodes: list[NodeSettings]) -> list[NodeSettings]:
+        seen: dict[str, int] = {}
+        for index, node in enumerate(nodes):
             if node.name in seen:
-                raise ValueError(f"duplicate node name {node.name!r}")
-            seen.add(node.name)
-        return self
+                raise PydanticCustomError(
+                    DUPLICATE_NAME,
+                    "duplicate node name '{name}' (nodes[{first}] has it too)",
+                    {"index": index, "first": seen[node.name], "name": node.name},
+                )
+            seen[node.name] = index
+        return nodes
 
     @classmethod
     def settings_customise_sources(
@@ -255,8 +283,18 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # Earlier sources win: arguments, then SDPROXY_* variables, then the TOML file.
-        return init_settings, env_settings, _FileSource(settings_cls)
+        # Earlier sources win: arguments, then SDPROXY_* variables, then the TOML file. The
+        # variables are read by environment.py, not pydantic-settings' own source, so that a
+        # value that is not JSON is one clear error and comma lists work.
+        return init_settings, _EnvironmentSource(settings_cls), _FileSource(settings_cls)
+
+
+# The sections SDPROXY_<SECTION>__<KEY> may set, and their models (for list-valued keys).
+SECTIONS: dict[str, type[BaseModel]] = {
+    name: kind
+    for name, field in Settings.model_fields.items()
+    if isinstance(kind := field.annotation, type) and issubclass(kind, BaseModel)
+}
 
 
 class _FileSource(PydanticBaseSettingsSource):
@@ -269,13 +307,24 @@ class _FileSource(PydanticBaseSettingsSource):
         return dict(_file_data.get() or {})
 
 
+class _EnvironmentSource(PydanticBaseSettingsSource):
+    """The SDPROXY_* variables as settings data (environment.read_environment)."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self().get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        given = _environment_data.get()
+        return dict(given if given is not None else read_environment(os.environ, SECTIONS).data)
+
+
 def load_settings(path: Path | None, **overrides: Any) -> Settings:
     """Read ``path`` (TOML), apply ``SDPROXY_*`` environment overrides, validate.
 
-    Raises ConfigError with one line naming the file, the key and what is wrong.
+    Raises ConfigError with one line naming where the bad value came from (the file, or the
+    environment variable), the key and what is wrong.
     """
     data: dict[str, Any] = {}
-    where = str(path) if path is not None else "environment"
     if path is not None:
         try:
             with path.open("rb") as fh:
@@ -286,46 +335,36 @@ def load_settings(path: Path | None, **overrides: Any) -> Settings:
             raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
-    token = _file_data.set(data)
+    environment = read_environment(os.environ, SECTIONS)
+    file_token = _file_data.set(data)
+    env_token = _environment_data.set(environment.data)
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
         # from None: pydantic's own text repeats the input values, passwords included.
-        raise ConfigError(f"{where}: {describe_validation_error(exc, data)}") from None
+        raise ConfigError(describe_validation_error(exc, data, environment, path)) from None
     finally:
-        _file_data.reset(token)
-    if path is not None:
-        settings = _with_state_file(settings, path)
-    return settings
+        _environment_data.reset(env_token)
+        _file_data.reset(file_token)
+    return _with_state_file(settings, path)
 
 
 DEFAULT_STATE_FILE = "sdproxy-state.json"
 
 
-def _with_state_file(settings: Settings, config_path: Path) -> Settings:
-    """The benchmark state file resolved against the configuration file's directory."""
-    state = settings.benchmark.state_file or Path(DEFAULT_STATE_FILE)
+def _with_state_file(settings: Settings, config_path: Path | None) -> Settings:
+    """The benchmark state file, resolved against state_dir or the configuration's directory.
+
+    None (results are not kept) only when neither is known: no state_dir and no file.
+    """
+    bench = settings.benchmark
+    state = bench.state_file or Path(DEFAULT_STATE_FILE)
     if not state.is_absolute():
-        state = config_path.resolve().parent / state
-    benchmark = settings.benchmark.model_copy(update={"state_file": state})
+        base = bench.state_dir
+        if base is None and config_path is not None:
+            base = config_path.resolve().parent
+        if base is None:
+            return settings
+        state = base / state
+    benchmark = bench.model_copy(update={"state_file": state})
     return settings.model_copy(update={"benchmark": benchmark})
-
-
-def describe_validation_error(exc: ValidationError, data: dict[str, Any]) -> str:
-    """The first problem of ``exc`` in one line, with its key as a TOML path."""
-    first = exc.errors(include_url=False)[0]
-    parts: list[str] = []
-    nodes = data.get("nodes")
-    for part in first["loc"]:
-        if isinstance(part, int) and parts == ["nodes"] and isinstance(nodes, list):
-            name = nodes[part].get("name") if part < len(nodes) else None
-            parts[-1] = f"nodes[{part}]" + (f" ({name})" if isinstance(name, str) else "")
-        else:
-            parts.append(str(part))
-    key = ".".join(parts) or "(top level)"
-    message = first["msg"]
-    if first["type"] == "extra_forbidden":
-        message = "unknown key"
-    elif first["type"] == "missing":
-        message = "required key missing"
-    return f"{key}: {message}"

@@ -13,10 +13,6 @@ from sdproxy.core.request import GenerationRequest, Seeds
 _PER_IMAGE_LISTS = ("all_prompts", "all_negative_prompts", "all_seeds", "all_subseeds")
 
 
-class BadNodeResult(ValueError):
-    """A node's response does not hold what it was asked to render."""
-
-
 @dataclass(frozen=True)
 class Part:
     """One node's answer for images ``start .. start + count - 1``, grid removed."""
@@ -52,78 +48,18 @@ class Merged:
         return {"images": self.images, "parameters": self.parameters, "info": dump_info(self.info)}
 
 
-def read_part(
-    node: str,
-    start: int,
-    count: int,
-    response: Any,
-    send_images: bool,
-    *,
-    allow_short: bool = False,
-) -> Part:
-    """Check one node's JSON answer for ``count`` images and take its grid off.
-
-    With ``allow_short`` (the request was interrupted) fewer images are the ones finished so
-    far, as the webui returns them. Raises BadNodeResult when the answer lacks images or info
-    it should have.
-    """
-    if not isinstance(response, dict):
-        raise BadNodeResult("the response is not a JSON object")
-    images = response.get("images")
-    parameters = response.get("parameters")
-    raw_info = response.get("info")
-    if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
-        raise BadNodeResult("'images' is not a list of strings")
-    if not isinstance(parameters, dict):
-        raise BadNodeResult("'parameters' is not an object")
-    try:
-        info = json.loads(raw_info) if isinstance(raw_info, str) else None
-    except ValueError:
-        info = None
-    if not isinstance(info, dict):
-        raise BadNodeResult("'info' is not a JSON object string")
-    infotexts = info.get("infotexts")
-    if not isinstance(infotexts, list):
-        raise BadNodeResult("info has no 'infotexts' list")
-    if allow_short:
-        grid = info.get("index_of_first_image") == 1 and len(infotexts) >= 2
-    else:
-        grid = info.get("index_of_first_image") == 1 and len(infotexts) == count + 1
-    if grid:
-        infotexts = infotexts[1:]
-        images = images[1:] if send_images else images
-    if allow_short:
-        # An interrupted webui with no image done still reports one infotext.
-        count = min(count, len(infotexts), len(images) if send_images else count)
-        infotexts = infotexts[:count]
-    if len(infotexts) != count:
-        raise BadNodeResult(f"asked for {count} images, got infotexts for {len(infotexts)}")
-    if send_images and len(images) < count:
-        raise BadNodeResult(f"asked for {count} images, got {len(images)}")
-    for key in _PER_IMAGE_LISTS:
-        if key in info and not isinstance(info[key], list):
-            raise BadNodeResult(f"info {key!r} is not a list")
-    return Part(
-        node=node,
-        start=start,
-        count=count,
-        images=images[:count] if send_images else [],
-        extra_images=images[count:] if send_images else [],
-        infotexts=infotexts,
-        info=info,
-        parameters=parameters,
-        grid_returned=grid,
-    )
-
-
 def merge_parts(
     request: GenerationRequest, seeds: Seeds, parts: Sequence[Part], *, partial: bool = False
 ) -> Merged:
     """Merge parts covering every image of ``request`` into one webui response.
 
     ``parts`` may come in any order; together they must cover the images exactly once. With
-    ``partial`` (an interrupted request) they may leave gaps: the response holds the images
-    finished, while the per-image lists of info keep every entry, as the webui's do.
+    ``partial`` (an interrupted request) they may leave gaps: the response holds every image
+    finished, in seed order, while the per-image lists of info keep every entry, as the webui's
+    do. Entry i of each list (and of infotexts) describes images[i]: the finished images'
+    entries first, then those of the images never rendered. One webui always finishes the
+    first k images, so clients zip ``images`` with ``all_seeds``; a split request interrupted
+    mid-way has finished several ranges, and this order keeps that pairing right.
     """
     ordered = sorted(parts, key=lambda p: p.start)
     expected = 0
@@ -136,10 +72,12 @@ def merge_parts(
 
     first = ordered[0]
     info = dict(first.info)
+    order = _rendered_first(ordered, request.reported_total) if partial else None
     for key in _PER_IMAGE_LISTS:
         if key in info:
-            if partial:
-                info[key] = _spread(key, ordered, request, seeds)
+            if order is not None:
+                spread = _spread(key, ordered, request, seeds)
+                info[key] = [spread[k] for k in order]
             else:
                 info[key] = [value for part in ordered for value in part.info.get(key, [])]
     _pad_to_reported_total(info, request, seeds)
@@ -170,9 +108,36 @@ def merge_parts(
         parameters=_echo_parameters(first.parameters, request),
         info=info,
         grid_wanted=grid_wanted,
-        shares=[(p.node, p.start, p.stop - 1) for p in ordered if p.count],
+        shares=_shares(ordered),
         rendered=rendered,
     )
+
+
+def _rendered_first(ordered: Sequence[Part], total: int) -> list[int]:
+    """Image indices of an interrupted request: the rendered ones in seed order, then the rest."""
+    rendered = [k for part in ordered for k in range(part.start, part.stop) if k < total]
+    done = set(rendered)
+    return rendered + [k for k in range(total) if k not in done]
+
+
+def _shares(ordered: Sequence[Part]) -> list[tuple[str, int, int]]:
+    """(node, first, last) over the response's images, one entry per run of one node's images.
+
+    Positions in ``images`` (grid excluded), which are the seed indices unless an interrupt
+    left gaps. A node whose range went as two requests (full batches, then the rest) is one
+    entry.
+    """
+    shares: list[tuple[str, int, int]] = []
+    position = 0
+    for part in ordered:
+        if not part.count:
+            continue
+        first, last = position, position + part.count - 1
+        if shares and shares[-1][0] == part.node and shares[-1][2] == first - 1:
+            first = shares.pop()[1]
+        shares.append((part.node, first, last))
+        position += part.count
+    return shares
 
 
 def _spread(

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from sdproxy.cli import free_port
 from sdproxy.ops.healthcheck import DEFAULT_PORT, configured_port
+from tests.support import free_port
 
 
 async def run_healthcheck(port: int) -> int:
@@ -55,7 +55,7 @@ class TestConfiguredPort:
 
 
 class TestHealthcheckCommand:
-    """`python -m sdproxy.healthcheck` exits 0 while sdproxy serves and 1 once it stopped."""
+    """`python -m sdproxy.ops.healthcheck` exits 0 while sdproxy serves and 1 once it stopped."""
 
     async def test_healthcheck_against_env_only_server(self) -> None:
         """`sdproxy serve` configured by the environment alone passes; stopped, it fails."""
