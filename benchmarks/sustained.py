@@ -6,8 +6,8 @@ txt2img batch-4 requests at 512x512 and at 1024x1024 in a closed loop, through s
 a stored benchmark of the nodes) and through least-connections and round-robin of whole
 requests sent straight to the nodes; each method on fresh nodes.
 
-Clients run for a warm-up of one round (every client's request once, at the limit's pace) and
-then a measured window of half a round (at least 8 s at 512x512, 12 s at 1024x1024).
+Clients run for a warm-up of 1.25 rounds (a round: every client's request once, at the limit's
+pace) and then a measured window of 0.6 rounds (at least 8 s at 512x512, 20 s at 1024x1024).
 Throughput is the images of the requests finished within the window, from the first such
 finish to the last;
 latency percentiles are of those requests; node requests per client request count the fake
@@ -52,7 +52,7 @@ PER_IMAGE_512 = (0.1, 0.2, 0.4)
 OVERHEAD_S = 0.3
 BATCH = 4
 BENCH = BenchmarkSettings(steps=20, width=512, height=512, warmup_runs=1, timed_runs=2)
-MIN_WINDOW_S = {512: 8.0, 1024: 12.0}
+MIN_WINDOW_S = {512: 8.0, 1024: 20.0}
 METHODS = ("sdproxy", "least-conn", "round-robin")
 
 
@@ -143,9 +143,9 @@ async def run_method(
     state: Path,
     limit: float,
 ) -> Load:
-    # A round: every client's request once, at the limit. Warm up one, measure half of one.
+    # A round: every client's request once, at the limit's pace.
     round_s = clients * BATCH / limit
-    warm_s, window_s = round_s, max(MIN_WINDOW_S[size], round_s / 2)
+    warm_s, window_s = 1.25 * round_s, max(MIN_WINDOW_S[size], 0.6 * round_s)
     async with aiohttp.ClientSession(timeout=TIMEOUT) as session, fake_cluster(specs(size)) as cl:
         if method == "sdproxy":
             store_for(state, bench, cl)
