@@ -1,7 +1,11 @@
-"""The cluster's speed wiring: Forecast lends what nodes measured to the nodes that have not."""
+"""The cluster's speed wiring: priors lent between nodes, the benchmark teaching run by run."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
+import aiohttp
 import pytest
 
 from sdproxy.cluster.forecast import Forecast
@@ -9,8 +13,10 @@ from sdproxy.cluster.state import MemoryState
 from sdproxy.config import Settings
 from sdproxy.core.request import parse_generation
 from sdproxy.core.speed import NOMINAL_OVERHEAD_S
+from sdproxy.fakewebui import FakeNodeSettings
 from tests.cluster.fakes import FakeClock
-from tests.support import SMALL
+from tests.cluster.test_benchmark import QUICK
+from tests.support import SMALL, fake_nodes, post_json, proxy, wait_for_status
 
 
 def forecast_for(*names: str) -> tuple[Forecast, MemoryState]:
@@ -57,3 +63,31 @@ class TestClusterPrior:
         state.observe("b", 2 / 64, 0.7)
         request = parse_generation("txt2img", {"batch_size": 4, **SMALL}, max_images=10)
         assert forecast.predict_job_s("b", request, 4) == pytest.approx(0.5 + 4 * 0.1)
+
+
+class TestLiveBenchmark:
+    """The start-up benchmark teaches the model run by run, and keeps the jobs seen meanwhile."""
+
+    async def test_benchmark_end_keeps_jobs_seen_meanwhile(self, tmp_path: Path) -> None:
+        """A request during the benchmark still counts in each node's samples afterwards."""
+        bench = {**QUICK, "state_file": str(tmp_path / "state.json")}
+        async with (
+            fake_nodes(*(FakeNodeSettings(name=n, per_image_s=0.5) for n in "ab")) as nodes,
+            proxy(nodes, benchmark=bench) as url,
+            aiohttp.ClientSession() as session,
+        ):
+            status, answer, headers = await post_json(
+                session, f"{url}/sdapi/v1/txt2img", {"batch_size": 4, "seed": 3, **SMALL}
+            )
+            assert status == 200, answer
+            rendered = {share.partition(":")[0] for share in headers["X-Sdproxy-Shares"].split(",")}
+
+            def benchmarked(s: dict[str, Any]) -> bool:
+                done = all(n["benchmark"]["measured_at"] for n in s["nodes"])
+                return done and not any(n["benchmark"]["running"] for n in s["nodes"])
+
+            final = await wait_for_status(session, url, benchmarked)
+            for node in final["nodes"]:
+                jobs = 1 if node["name"] in rendered else 0
+                assert node["speed"]["samples"] == 2 + jobs  # one timed run per batch size
+                assert node["speed"]["identified"]["overhead_s"] == "measured"
