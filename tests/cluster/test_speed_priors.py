@@ -89,5 +89,5 @@ class TestLiveBenchmark:
             final = await wait_for_status(session, url, benchmarked)
             for node in final["nodes"]:
                 jobs = 1 if node["name"] in rendered else 0
-                assert node["speed"]["samples"] == 2 + jobs  # one timed run per batch size
+                assert node["speed"]["samples"] == 3 + jobs  # a warm-up, a timed run per size
                 assert node["speed"]["identified"]["overhead_s"] == "measured"
