@@ -220,6 +220,49 @@ class NodeSettings(_Section):
         return str(self.url).rstrip("/")
 
 
+# --- [cluster]: several replicas sharing state in Redis (sdproxy/shared/) ---------------------
+
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+class ClusterSettings(_Section):
+    """Several sdproxy replicas in front of the same nodes, sharing their state in Redis.
+
+    No ``redis_url``: one process, state in memory, nothing else needed at run time.
+    """
+
+    redis_url: SecretStr | None = None  # redis://[user:password@]host:6379/0, rediss://, unix://
+    redis_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")] = "sdproxy"
+    # Default: host name and process id, unique among the replicas of one cluster.
+    replica_id: Annotated[str | None, Field(pattern=r"^[A-Za-z0-9_.:\-]{1,100}$")] = None
+    lease_ttl_s: Annotated[float, Field(ge=1, le=60)] = 5.0
+    redis_timeout_s: Annotated[float, Field(gt=0, le=30)] = 1.0
+    on_redis_down: Literal["local", "refuse"] = "local"
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, url: SecretStr | None) -> SecretStr | None:
+        # The message never repeats the URL: it may hold the Redis password.
+        if url is not None and not url.get_secret_value().startswith(_REDIS_SCHEMES):
+            raise ValueError("give a redis://, rediss:// or unix:// URL")
+        return url
+
+    @model_validator(mode="after")
+    def _timeout_within_lease(self) -> ClusterSettings:
+        # A lease is renewed every third of its TTL; one call must fit into that.
+        if self.redis_timeout_s * 3 > self.lease_ttl_s:
+            raise ValueError("redis_timeout_s must be at most a third of lease_ttl_s")
+        return self
+
+    @property
+    def shared(self) -> bool:
+        """Replicas share state (a Redis URL is configured)."""
+        return self.redis_url is not None
+
+
+# --- end of [cluster] --------------------------------------------------------------------------
+
+
 class Settings(BaseSettings):
     """Everything sdproxy is configured with. Environment variables override the file."""
 
@@ -235,6 +278,7 @@ class Settings(BaseSettings):
     benchmark: BenchmarkSettings = BenchmarkSettings()
     api: ApiSettings = ApiSettings()
     autosave: AutosaveSettings = AutosaveSettings()
+    cluster: ClusterSettings = ClusterSettings()
     nodes: Annotated[list[NodeSettings], Field(min_length=1)]
 
     @model_validator(mode="after")
