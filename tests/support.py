@@ -295,8 +295,8 @@ class RedisServer:
     partitioned Redis); ``start`` again serves on the same port.
     """
 
-    def __init__(self, binary: str, workdir: Path) -> None:
-        self.binary, self.workdir = binary, workdir
+    def __init__(self, binary: str, workdir: Path, *args: str) -> None:
+        self.binary, self.workdir, self.args = binary, workdir, args
         self.port = 0
         self.process: asyncio.subprocess.Process | None = None
         self.log_path = workdir / "redis.log"
@@ -328,7 +328,7 @@ class RedisServer:
                 self.binary,
                 "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                 "--appendonly", "no", "--daemonize", "no", "--dir", str(self.workdir),
-                "--loglevel", "warning",
+                "--loglevel", "warning", *self.args,
                 stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file,
             )  # fmt: skip
         deadline = asyncio.get_running_loop().time() + 10
@@ -342,13 +342,14 @@ class RedisServer:
         return False
 
     async def answers(self) -> bool:
-        """PING answers PONG (spoken by hand: the check must not depend on the client)."""
+        """PING is answered (PONG, or NOAUTH with requirepass); spoken by hand, not by redis-py."""
         try:
             async with asyncio.timeout(1):
                 reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
                 try:
                     writer.write(b"PING\r\n")
-                    return await reader.readline() == b"+PONG\r\n"
+                    answer = await reader.readline()
+                    return answer == b"+PONG\r\n" or answer.startswith(b"-NOAUTH")
                 finally:
                     writer.close()
         except (OSError, TimeoutError):

@@ -17,6 +17,7 @@ The Redis URL may hold a password: it is kept as a SecretStr by the configuratio
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -120,6 +121,8 @@ class Link:
         self._down_event = asyncio.Event()
         self._down_event.set()
         self._rejoin: list[Rejoin] = []
+        self._pool_reset = True
+        self.tried = asyncio.Event()  # the monitor has tried to connect at least once
         self._logged_errors: set[str] = set()
 
     # --- the mode ----------------------------------------------------------------------------
@@ -161,6 +164,7 @@ class Link:
         self.reason = "redis unreachable"
         self._up_event.clear()
         self._down_event.set()
+        self._pool_reset = False
         log.warning(
             "redis %s unreachable (%s): replicas no longer share state; scheduling locally "
             "until it is back",
@@ -216,7 +220,15 @@ class Link:
         """Forever: while Redis is gone, ping it every ``retry_s``; on an answer, rejoin."""
         while True:
             await self._down_event.wait()
-            if await self._ping():
+            if not self._pool_reset:
+                # Pooled connections from before are dead (a restarted Redis closed them):
+                # drop them, or the first calls after the rejoin would fail on them.
+                with contextlib.suppress(redis_errors.RedisError, OSError):
+                    await self.client.connection_pool.disconnect()
+                self._pool_reset = True
+            answered = await self._ping()
+            self.tried.set()
+            if answered:
                 self._mark_up()
                 await self._run_rejoin()
             if not self._up:

@@ -25,7 +25,7 @@ T = TypeVar("T")
 SPEED_LOG_LEN = 64  # twice the speed model's window: a replica that starts replays enough
 BENCHMARK_LOG_LEN = 8
 MAX_TEXT = 500  # longest reason or error kept from a record
-CAS_ATTEMPTS = 8
+CAS_ATTEMPTS = 16  # each loss means another replica's write went in: progress is made
 _SECRET_OPTION = re.compile(r"pass|secret|token|api_?key|auth|credential", re.IGNORECASE)
 
 CatchUp = Literal["done", "mine", "busy"]
@@ -129,17 +129,19 @@ class NodeRecords:
         no replica has written one yet. Returns the health written and what ``change`` returned.
         """
         name = self.health_name(node)
-        record = self.records.cached(name)
-        for _ in range(CAS_ATTEMPTS):
-            health = health_from_record(record.data, *self.cooldown)
-            if health is None:
-                health = _copy(start) if start is not None else NodeHealth(*self.cooldown)
-            result = change(health)
-            written, record = await self.records.write(
-                name, health_to_record(health), expected=record.version
-            )
-            if written:
-                return health, result
+        async with self.records.lock(name):
+            record = self.records.cached(name)
+            for _ in range(CAS_ATTEMPTS):
+                health = health_from_record(record.data, *self.cooldown)
+                if health is None and start is not None:
+                    health = health_from_record(health_to_record(start), *self.cooldown)
+                health = health or NodeHealth(*self.cooldown)
+                result = change(health)
+                written, record = await self.records.write(
+                    name, health_to_record(health), expected=record.version
+                )
+                if written:
+                    return health, result
         raise SharedUnavailable(f"node {node}: its health changed too often to update")
 
     # --- probes, speed, benchmarks -------------------------------------------------------------
@@ -194,9 +196,9 @@ class NodeRecords:
         keys = self._catch_up_keys(node)
         args: list[str | int] = [epoch, self.link.replica_id, max(1, round(ttl_s * 1000))]
         answer = await self.link.call("catch-up", lambda _: self._begin(keys=keys, args=args), node)
-        if answer == "done" or answer == "mine":
-            return "done" if answer == "done" else "mine"
-        return "busy"
+        if answer == "done":
+            return "done"
+        return "mine" if answer == "mine" else "busy"
 
     async def end_catch_up(self, node: str, epoch: str, *, succeeded: bool) -> bool:
         """Release the catch-up; with ``succeeded`` no replica does it again for ``epoch``."""
@@ -249,22 +251,18 @@ class ClusterRecords:
     async def merge_options(self, posted: dict[str, Any]) -> dict[str, Any]:
         """Add ``posted`` to the options every node is given; the options now shared."""
         posted = shareable_options(posted)
-        record = self.records.cached(self.OPTIONS)
-        for _ in range(CAS_ATTEMPTS):
-            current = record.data.get("options") if record.data else None
-            merged = {**(current if isinstance(current, dict) else {}), **posted}
-            data = {"options": merged, "set_at": self._clock()}
-            written, record = await self.records.write(self.OPTIONS, data, expected=record.version)
-            if written:
-                return merged
+        async with self.records.lock(self.OPTIONS):
+            record = self.records.cached(self.OPTIONS)
+            for _ in range(CAS_ATTEMPTS):
+                current = record.data.get("options") if record.data else None
+                merged = {**(current if isinstance(current, dict) else {}), **posted}
+                data = {"options": merged, "set_at": self._clock()}
+                written, record = await self.records.write(
+                    self.OPTIONS, data, expected=record.version
+                )
+                if written:
+                    return merged
         raise SharedUnavailable("the shared options changed too often to update")
-
-
-def _copy(health: NodeHealth) -> NodeHealth:
-    data = health_to_record(health)
-    copied = health_from_record(data, health.cooldown_base_s, health.cooldown_max_s)
-    assert copied is not None  # a NodeHealth always makes a valid record
-    return copied
 
 
 def _positive(value: Any, *, zero: bool = False) -> TypeGuard[float]:

@@ -20,6 +20,7 @@ version is not a number, counts as absent (another version of sdproxy, or a fore
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -75,6 +76,7 @@ class Records:
         self._cas = client.register_script(scripts.COMPARE_AND_SET)
         self._append = client.register_script(scripts.APPEND)
         self._cache: dict[str, Versioned] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
         self._record_listeners: list[RecordListener] = []
         self._entry_listeners: dict[str, list[EntryListener]] = {}
         broadcast.on("record", self._on_record)
@@ -85,6 +87,11 @@ class Records:
         return f"{self.link.keys.prefix}:{name}"
 
     # --- versioned records ---------------------------------------------------------------------
+
+    def lock(self, name: str) -> asyncio.Lock:
+        """Serialises this replica's read-modify-writes of ``name``: compare-and-set then only
+        contends with the other replicas."""
+        return self._locks.setdefault(name, asyncio.Lock())
 
     def cached(self, name: str) -> Versioned:
         """The record as this replica last saw it (sync; ABSENT if never seen)."""

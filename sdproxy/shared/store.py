@@ -125,7 +125,8 @@ class SharedStore:
             )
 
     async def start(self, wait_s: float | None = None) -> None:
-        """Start the tasks; wait up to ``wait_s`` (default: one timeout) to be connected."""
+        """Start the tasks and try to join; local mode if Redis does not answer within
+        ``wait_s`` (default: three call timeouts)."""
         if self._started:
             return
         self._started = True
@@ -133,10 +134,13 @@ class SharedStore:
         self.supervisor.loop("redis-pubsub", self.broadcast.run)
         self.supervisor.loop("replica-heartbeat", self.replicas.run)
         try:
-            async with asyncio.timeout(wait_s if wait_s is not None else self.link.timeout_s * 2):
-                await self.link.wait_up()
-                await self.broadcast.ready.wait()
+            async with asyncio.timeout(wait_s if wait_s is not None else self.link.timeout_s * 3):
+                await self.link.tried.wait()
+                if self.link.up:
+                    await self.broadcast.ready.wait()
         except TimeoutError:
+            pass
+        if not self.broadcast.ready.is_set():
             log.warning(
                 "redis %s does not answer: starting in local mode; joining the replicas "
                 "when it does",
