@@ -375,16 +375,19 @@ class RedisServer:
 
 
 def replica_config(
-    path: Path, nodes: Sequence[RunningNode | NodeProcess], redis_url: str, **sections: Any
+    path: Path,
+    nodes: Sequence[RunningNode | NodeProcess],
+    redis_url: str | None,
+    **sections: Any,
 ) -> Path:
-    """Write a TOML configuration for replicas in front of ``nodes`` sharing ``redis_url``."""
-    cluster = {"redis_url": redis_url, "lease_ttl_s": 3, "redis_timeout_s": 0.5}
-    data: dict[str, Any] = {
-        "benchmark": {"on_start": False},
-        "scheduler": dict(FAST),
-        **sections,
-        "cluster": {**cluster, **sections.get("cluster", {})},
-    }
+    """Write a TOML configuration for replicas in front of ``nodes`` sharing ``redis_url``.
+
+    ``redis_url`` None: no [cluster] section, single-process mode.
+    """
+    data: dict[str, Any] = {"benchmark": {"on_start": False}, "scheduler": dict(FAST), **sections}
+    if redis_url is not None:
+        cluster = {"redis_url": redis_url, "lease_ttl_s": 3, "redis_timeout_s": 0.5}
+        data["cluster"] = {**cluster, **sections.get("cluster", {})}
     lines = []
     for section, values in data.items():
         lines.append(f"[{section}]")
