@@ -39,7 +39,8 @@ import orjson
 from aiohttp import web
 
 from sdproxy.config import Settings
-from sdproxy.core.merge import Part, merge_parts, read_part
+from sdproxy.core.answers import Asked, read_part
+from sdproxy.core.merge import Part, merge_parts
 from sdproxy.core.request import Seeds, parse_generation
 from sdproxy.server.app import create_app
 from sdproxy.server.site import start_site
@@ -47,15 +48,18 @@ from sdproxy.server.site import start_site
 MB = 1024 * 1024
 
 
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
 def image_b64(size_bytes: int, salt: int) -> str:
-    """A base64 string of ``size_bytes`` characters standing in for an encoded PNG."""
-    raw = os.urandom(size_bytes * 3 // 4 - 1) + bytes([salt % 256])
+    """A base64 string of ``size_bytes`` characters standing in for an encoded PNG (its
+    signature, then random bytes: what sdproxy checks of an image without decoding it)."""
+    raw = PNG + os.urandom(size_bytes * 3 // 4 - 1 - len(PNG)) + bytes([salt % 256])
     return base64.b64encode(raw).decode()
 
 
-def node_answer(images: list[str], seed: int) -> dict[str, Any]:
-    """A webui-shaped txt2img answer for these images."""
-    count = len(images)
+def node_info(count: int, seed: int, subseed: int = 1) -> str:
+    """A webui-shaped info string for ``count`` images from these seeds."""
     info = {
         "prompt": "x",
         "all_prompts": ["x"] * count,
@@ -63,8 +67,8 @@ def node_answer(images: list[str], seed: int) -> dict[str, Any]:
         "all_negative_prompts": [""] * count,
         "seed": seed,
         "all_seeds": list(range(seed, seed + count)),
-        "subseed": 1,
-        "all_subseeds": list(range(1, 1 + count)),
+        "subseed": subseed,
+        "all_subseeds": list(range(subseed, subseed + count)),
         "width": 512,
         "height": 512,
         "batch_size": count,
@@ -72,20 +76,31 @@ def node_answer(images: list[str], seed: int) -> dict[str, Any]:
         "infotexts": [f"x\nSteps: 20, Seed: {seed + k}" for k in range(count)],
         "job_timestamp": "20240101000000",
     }
-    return {"images": images, "parameters": {"prompt": "x"}, "info": json.dumps(info)}
+    return json.dumps(info)
+
+
+def node_answer(images: list[str], first: int) -> dict[str, Any]:
+    """A webui-shaped txt2img answer for these images, seed and subseed from ``first``."""
+    info = node_info(len(images), first, first)
+    return {"images": images, "parameters": {"prompt": "x"}, "info": info}
 
 
 def stub_node(pool: list[str]) -> web.Application:
     """A webui that answers txt2img at once with ``batch_size`` images from ``pool``."""
-    bodies: dict[int, bytes] = {}
+    encoded: dict[int, bytes] = {}  # the images part of the answer, by image count
 
     async def txt2img(request: web.Request) -> web.Response:
         payload = await request.json()
         count = int(payload.get("batch_size", 1)) * int(payload.get("n_iter", 1))
-        body = bodies.get(count)
-        if body is None:
-            images = [pool[k % len(pool)] for k in range(count)]
-            body = bodies[count] = orjson.dumps(node_answer(images, 1))
+        images = encoded.get(count)
+        if images is None:
+            images = encoded[count] = orjson.dumps([pool[k % len(pool)] for k in range(count)])
+        # The seeds it was sent, as a webui reports them (sdproxy checks them).
+        info = node_info(count, int(payload.get("seed", 1)), int(payload.get("subseed", 1)))
+        body = b'{"images":%b,"parameters":{"prompt":"x"},"info":%b}' % (
+            images,
+            orjson.dumps(info),
+        )
         return web.Response(body=body, content_type="application/json")
 
     async def progress(_: web.Request) -> web.Response:
@@ -141,7 +156,9 @@ def merge_path(raw_bodies: list[bytes], images: int) -> bytes:
         answer = orjson.loads(raw)
         del raw
         count = len(answer["images"])
-        parts.append(read_part(f"n{len(parts)}", start, count, answer, True))
+        seeds = tuple(range(1 + start, 1 + start + count))
+        asked = Asked(count, seeds=seeds, subseeds=seeds)
+        parts.append(read_part(f"n{len(parts)}", start, answer, asked))
         start += count
     merged = merge_parts(request, Seeds(1, 1), parts)
     return orjson.dumps(merged.to_json_dict())
@@ -152,7 +169,9 @@ def merge_speed_mb_s(pool: list[str], images: int, nodes: int) -> float:
     per_node = images // nodes
     bodies = [
         orjson.dumps(
-            node_answer([pool[(n * per_node + k) % len(pool)] for k in range(per_node)], 1)
+            node_answer(
+                [pool[(n * per_node + k) % len(pool)] for k in range(per_node)], 1 + n * per_node
+            )
         )
         for n in range(nodes)
     ]
@@ -181,7 +200,7 @@ def merge_memory_child(images: int, nodes: int, image_bytes: int) -> None:
     bodies = []
     for n in range(nodes):  # the node answers as they arrive; the image strings are not kept
         pool = [image_b64(image_bytes, n * per_node + k) for k in range(per_node)]
-        bodies.append(orjson.dumps(node_answer(pool, 1)))
+        bodies.append(orjson.dumps(node_answer(pool, 1 + n * per_node)))
         del pool
     gc.collect()
     with open("/proc/self/clear_refs", "w") as refs:

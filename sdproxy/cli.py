@@ -11,7 +11,7 @@ import statistics
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import aiohttp
 from aiohttp import web
@@ -20,7 +20,7 @@ from sdproxy import __version__
 from sdproxy.cluster.benchmark import BenchmarkResult, benchmark_node, load_state, save_state
 from sdproxy.config import NodeSettings, Settings, load_settings
 from sdproxy.errors import ConfigError, NodeError
-from sdproxy.fakewebui import FakeNode, FakeNodeSettings, Fault, create_fake_app
+from sdproxy.fakewebui import FakeNode, FakeNodeSettings, Fault, FaultMode, create_fake_app
 from sdproxy.logs import configure_logging
 from sdproxy.nodes.client import NodeClient
 from sdproxy.server.site import start_proxy, start_site
@@ -76,9 +76,21 @@ def build_parser() -> argparse.ArgumentParser:
     fake.add_argument("--api-auth", default=None, help="user:pass[,user2:pass2], like the webui")
     fake.add_argument(
         "--fail-mode",
-        choices=["none", "error500", "hang", "reset", "truncated", "exit", "slow"],
+        choices=get_args(FaultMode),
         default="none",
-        help="simulate a failure on generation requests (exit: the process dies)",
+        help="simulate a failure on generation requests (exit: the process dies; the lies and "
+        "answers of servers in the way are listed in sdproxy/fakewebui/faults.py)",
+    )
+    fake.add_argument(
+        "--redirect-url",
+        default=Fault.redirect_url,
+        help="--fail-mode redirect: answer 307 to this base URL plus the request's path",
+    )
+    fake.add_argument(
+        "--huge-mb",
+        type=_non_negative,
+        default=Fault.huge_mb,
+        help="--fail-mode huge_body/huge_stream: megabytes to send",
     )
     fake.add_argument(
         "--fail-after-s", type=_non_negative, default=0.0, help="seconds into a generation"
@@ -143,7 +155,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             if args.models:
                 fake.models = args.models
-            fake.fault = Fault(args.fail_mode, args.fail_after_s, args.fail_times)
+            fake.fault = Fault(
+                args.fail_mode,
+                args.fail_after_s,
+                args.fail_times,
+                redirect_url=args.redirect_url,
+                huge_mb=args.huge_mb,
+            )
             asyncio.run(_fake_node(fake, args.host, args.port))
         else:
             asyncio.run(_demo(args.host, args.port))
@@ -282,7 +300,9 @@ async def _fake_node(fake: FakeNodeSettings, host: str, port: int) -> None:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on ``host`` right now."""
+    """A TCP port free on ``host`` right now, for a process that must listen on a port chosen
+    for it (a fake node the tests restart on the same port). Racy by nature: servers in this
+    process bind port 0 and read the port they got instead."""
     with socket.socket() as sock:
         sock.bind((host, 0))
         port: int = sock.getsockname()[1]
@@ -295,10 +315,9 @@ async def _demo(host: str, port: int) -> None:
     try:
         for name, per_image_s in DEMO_NODES:
             fake = FakeNodeSettings(name=name, per_image_s=per_image_s, overhead_s=0.1)
-            node_port = free_port()
-            runners.append(
-                await start_site(create_fake_app(FakeNode(fake)), "127.0.0.1", node_port)
-            )
+            runner = await start_site(create_fake_app(FakeNode(fake)), "127.0.0.1", 0)
+            runners.append(runner)
+            node_port = runner.addresses[0][1]
             nodes.append(
                 {"name": name, "url": f"http://127.0.0.1:{node_port}", "weight": 1 / per_image_s}
             )

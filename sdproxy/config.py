@@ -98,6 +98,20 @@ class SchedulerSettings(_Section):
     cooldown_base_s: Annotated[float, Field(gt=0)] = 2.0
     cooldown_max_s: Annotated[float, Field(gt=0)] = 60.0
     max_queued_images: Annotated[int, Field(ge=1)] = 4000
+    work_stealing: bool = True  # an idle node takes over waiting work it finishes earlier
+    # A request whose client went away: "interrupt" its running jobs and drop the rest, or
+    # "finish" it (its images are autosaved). Unset: "finish" with autosave on, else "interrupt".
+    on_disconnect: Literal["interrupt", "finish"] | None = None
+    # What sdproxy reads of a node's answer before it counts the node as failed: a generation
+    # may take this many bytes per pixel of every image it can return (core/answers.py), any
+    # other call (and a selectable script's generation, at least) max_node_answer_mb.
+    node_answer_bytes_per_pixel: Annotated[float, Field(gt=0)] = 8.0
+    max_node_answer_mb: Annotated[float, Field(gt=0)] = 512.0
+    node_accept_encoding: Literal["identity", "gzip"] = "identity"
+
+    @property
+    def max_node_answer_bytes(self) -> int:
+        return int(self.max_node_answer_mb * 1024 * 1024)
 
 
 class BenchmarkSettings(_Section):
@@ -132,6 +146,9 @@ class ApiSettings(_Section):
     read_timeout_s: Annotated[float, Field(gt=0)] = 30.0
     write_timeout_s: Annotated[float, Field(gt=0)] = 600.0  # POST options waits for a model load
     extension_prefixes: tuple[str, ...] = ("controlnet", "adetailer")
+    # override_settings naming a checkpoint no node has: rendered on the loaded one, as a webui
+    # does (false), or refused with 404 (true).
+    strict_checkpoints: bool = False
 
     @field_validator("extension_prefixes")
     @classmethod

@@ -16,25 +16,49 @@
     │   └── UnknownCheckpoint       422 (the webui's 500 body): POST options names no model
     ├── NoNodeAvailable             503: no healthy node can take the work
     ├── RequestTimeout              504: the request's overall deadline passed
+    ├── InternalError               500: a bug in sdproxy met the request twice (request id)
     ├── GenerationFailed            502: shares failed and no node could take them over
     ├── NodesFailed                 502: a call sent to every node failed on some
     └── NodeError                   one call to one node failed
         ├── NodeUnreachable         refused, reset, DNS: nothing usable came back
         ├── NodeTimeout             the node did not answer within the deadline
         ├── NodeBadResponse         5xx, malformed or incomplete JSON
+        │   ├── NodeUnexpectedStatus  a status or body that is not the webui's (3xx, 429, HTML)
+        │   ├── NodeAnswerTooLarge  more bytes than the request can need
+        │   ├── NodeWrongAnswer     200, but not what was asked (seeds, images, info)
         │   └── NodeRaised          500 with the webui's exception body: the job raised (422)
         ├── NodeAuthFailed          401/403: the node refused sdproxy's own credentials
-        └── NodeRejected            the node answered 4xx: the request is at fault
+        └── NodeRejected            a webui-shaped 4xx: the request is at fault
 
 Which failures are whose fault:
 
-- ``NodeUnreachable``, ``NodeTimeout`` and ``NodeBadResponse`` (a 5xx, a body that is not JSON or
-  is cut short, JSON without the images asked for) blame the node: it is marked down at once and
-  the images it had not delivered are planned again onto the other nodes, with the same seeds.
-- ``NodeRejected`` (a 4xx) blames the request: the node stays up and the client gets the node's
-  status and body unchanged, as every node would answer the same.
-- A 500 whose body is the webui's own error JSON (``{"error", "detail", "body", "errors"}``) is
-  ``NodeRaised``, and ambiguous: a CUDA out-of-memory or a broken extension on one node looks the
+- ``NodeUnreachable``, ``NodeTimeout`` and ``NodeBadResponse`` blame the node: it is marked down
+  at once and the images it had not delivered are planned again onto the other nodes, with the
+  same seeds. That covers a 5xx, a body that is not JSON or is cut short, an answer larger than
+  the request can need (``NodeAnswerTooLarge``), a 200 whose content is not what was asked
+  (``NodeWrongAnswer``: seeds, image count, images that are not base64 images, info nested too
+  deep) and any status whose body is not the webui's own (``NodeUnexpectedStatus``).
+- ``NodeRejected`` blames the request: the node stays up and the client gets the node's status
+  and body unchanged, as every node would answer the same. Only a **webui-shaped 4xx** is that
+  (``sdproxy.core.answers.is_webui_error``), i.e. a 4xx other than 401/403 (``NodeAuthFailed``)
+  and 407, 408, 413, 421, 429, 431 (what proxies and servers in the way answer, never the
+  webui), whose JSON body is one the webui's own handlers produce:
+
+  - ``{"detail": "<text>"}``: starlette's HTTPException (unknown route, wrong method, and every
+    HTTPException on Forge, whose api_middleware is off);
+  - ``{"detail": [{"loc": [...], "msg": "...", "type": "..."}, ...]}`` with status 422:
+    FastAPI's validation answer (pydantic 1 on A1111, pydantic 2 items on Forge);
+  - ``{"error": "<class>", "detail": ..., "body": ..., "errors": "<text>"}``: A1111's
+    ``api_middleware.handle_exception`` (e.g. 422 "Script 'x' not found", 404 "Init image not
+    found"), or the same with ``message`` instead of ``errors`` (Forge's ``_handle_exception``).
+
+  Everything else (an HTML 404 from a proxy in the way, a 429 or 413 with any body, a 3xx, a
+  4xx whose body is text or other JSON) is ``NodeUnexpectedStatus``: node trouble. So is a 404
+  or 405 ``{"detail": "Not Found"}`` for a generation or the health probe: a webui serving the
+  API always has those routes, so the node is not one (started without ``--api``, or a proxy
+  in the way). Redirects are never followed: a 3xx is the node's trouble too.
+- A 500 whose body is the webui's own error JSON (one of the shapes above) is ``NodeRaised``,
+  and ambiguous: a CUDA out-of-memory or a broken extension on one node looks the
   same as a request every node fails (an unknown ``override_settings`` key is a 500 ``KeyError``).
   The node stays up and, for a generation, the images are tried once on another node. If that
   node renders them, the first node was at fault and is taken out like a failed node; if it
@@ -42,9 +66,9 @@ Which failures are whose fault:
   node's own body with status 422 and no node is taken out. (Calls that go to one node only, such
   as interrogate or extras, pass that body on at once.)
 
-Only ``nodes.py`` catches aiohttp's and asyncio's errors and raises ``NodeError``s from them; only
-the error middleware in ``app.py`` turns these exceptions into HTTP responses, through
-:func:`error_response_parts`.
+Only ``nodes/client.py`` catches aiohttp's and asyncio's errors and raises ``NodeError``s from
+them; only the error middleware in ``server/app.py`` turns these exceptions into HTTP responses,
+through each error's ``status``, :meth:`SdproxyError.body` and :meth:`SdproxyError.headers`.
 """
 
 from __future__ import annotations
@@ -179,6 +203,15 @@ class RequestTimeout(SdproxyError):
     status = 504
 
 
+class InternalError(SdproxyError):
+    """sdproxy itself failed on a request (a bug, logged with its traceback and request id).
+
+    A job whose handling raises is tried once more on another node; a second failure gives up.
+    """
+
+    status = 500
+
+
 class _NodeFailures(SdproxyError):
     """An error whose body names each node that failed (``nodes``: name -> reason)."""
 
@@ -206,6 +239,7 @@ class NodeError(SdproxyError):
     """A call to one node failed."""
 
     status = 502
+    kind = "error"  # the ``kind`` label of sdproxy_node_failures_total
 
     def __init__(self, node: str, message: str) -> None:
         super().__init__(f"node {node!r}: {message}")
@@ -216,11 +250,14 @@ class NodeError(SdproxyError):
 class NodeUnreachable(NodeError):
     """The node could not be reached or dropped the connection."""
 
+    kind = "unreachable"
+
 
 class NodeTimeout(NodeError):
     """The node did not answer within the deadline."""
 
     status = 504
+    kind = "timeout"
 
 
 class NodeBadResponse(NodeError):
@@ -229,6 +266,8 @@ class NodeBadResponse(NodeError):
     ``answered`` and ``answer`` keep the node's own status and JSON body when it sent an error
     body, so one-node calls can pass the webui's own 500 on (e.g. KeyError for an unknown option).
     """
+
+    kind = "bad_response"
 
     def __init__(
         self, node: str, message: str, *, answered: int | None = None, answer: Any = None
@@ -245,8 +284,47 @@ class NodeBadResponse(NodeError):
         return super().body()
 
 
+class NodeUnexpectedStatus(NodeBadResponse):
+    """The node answered a status or body that is not the webui's own: node trouble.
+
+    A redirect (never followed), a 429 or 413, an HTML page from a proxy in the way, a 4xx or
+    5xx whose body is not one of the webui's error shapes, a 2xx other than 200.
+    """
+
+    kind = "unexpected_status"
+
+    def __init__(self, node: str, status: int, message: str) -> None:
+        super().__init__(node, f"answered {status} {message}")
+        self.node_status = status
+
+
+class NodeAnswerTooLarge(NodeBadResponse):
+    """The node sent (or announced) more bytes than the request can need: it was cut off."""
+
+    kind = "too_large"
+
+    def __init__(self, node: str, limit_bytes: int) -> None:
+        super().__init__(node, f"answer larger than {limit_bytes / 2**20:.1f} MiB")
+        self.limit_bytes = limit_bytes
+
+
+class NodeWrongAnswer(NodeBadResponse):
+    """The node answered 200, but not with what it was asked for: seeds, images or info.
+
+    ``reason`` reads "wrong answer: <what>", e.g. "wrong answer: all_seeds [5, 6] where [3, 4]
+    were sent".
+    """
+
+    kind = "wrong_answer"
+
+    def __init__(self, node: str, what: str) -> None:
+        super().__init__(node, f"wrong answer: {what}")
+
+
 class NodeAuthFailed(NodeError):
     """The node refused sdproxy's credentials: a configuration problem, not the client's."""
+
+    kind = "auth_failed"
 
 
 class NodeRaised(NodeBadResponse):
@@ -259,9 +337,12 @@ class NodeRaised(NodeBadResponse):
     the node's own body with 422: sdproxy answers 5xx only for node trouble, never for input.
     """
 
+    kind = "raised"
+
     def __init__(self, node: str, body: dict[str, Any]) -> None:
-        error = body.get("errors") or body.get("detail") or "an exception"
-        message = f"raised {body.get('error')}: {str(error)[:200]}"
+        # A1111 names the message "errors", Forge "message"; an HTTPException has "detail" only.
+        error = body.get("errors") or body.get("message") or body.get("detail") or "an exception"
+        message = f"raised {body.get('error', 'HTTPException')}: {str(error)[:200]}"
         super().__init__(node, message, answered=500, answer=body)
         self.status = 422
 
@@ -271,6 +352,8 @@ class NodeRejected(NodeError):
 
     The node's own status and JSON body are passed on to the client unchanged.
     """
+
+    kind = "rejected"
 
     def __init__(self, node: str, status: int, body: Any) -> None:
         super().__init__(node, f"answered {status}")

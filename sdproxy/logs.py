@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -76,3 +77,12 @@ def configure_logging(level: str, log_format: LogFormat) -> None:
     root.setLevel(level)
     # aiohttp's own access log is replaced by sdproxy.access; keep it quiet if enabled anyway.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def log_crash(task: asyncio.Task[Any]) -> None:
+    """Done-callback for a one-off task: log an exception it ended with (once, with traceback)."""
+    if task.cancelled():
+        return
+    error = task.exception()
+    if error is not None:
+        logging.getLogger("sdproxy").error("task %s crashed", task.get_name(), exc_info=error)

@@ -21,9 +21,13 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 from PIL import Image
 
+from sdproxy.cli import free_port
 from sdproxy.config import Settings
 from sdproxy.fakewebui import FakeNode, FakeNodeSettings, create_fake_app
+from sdproxy.server.keys import cluster_key
 from sdproxy.server.site import start_proxy, start_site
+
+__all__ = ["free_port"]  # one definition (sdproxy.cli), re-exported for the tests
 
 SMALL = {"width": 64, "height": 64, "steps": 20}  # 1/64 of a nominal image: renders fast
 
@@ -65,6 +69,8 @@ async def proxy(
     """Start sdproxy in front of ``nodes`` and yield its base URL.
 
     No background benchmark unless ``benchmark`` says so: it would send nodes extra requests.
+    When the test is done with it, every image of every request still in flight must have
+    exactly one owner (a queued or running job, or parked work): the scheduler's invariant.
     """
     node_list = [{"name": n.name, "url": n.url} if isinstance(n, RunningNode) else n for n in nodes]
     sections.setdefault("benchmark", {"on_start": False})
@@ -72,6 +78,7 @@ async def proxy(
     runner = await start_proxy(settings, "127.0.0.1", 0)
     try:
         yield f"http://127.0.0.1:{bound_port(runner)}"
+        assert runner.app[cluster_key].ownership_problems() == []
     finally:
         await runner.cleanup()
 
@@ -101,6 +108,27 @@ async def wait_until(
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.01)
+
+
+async def wait_until_serving(
+    url: str, path: str = "/internal/ping", *, alive: Callable[[], None] | None = None
+) -> None:
+    """Poll ``url + path`` until it answers 200 (a server that is still starting).
+
+    ``alive`` is called before each poll and raises if the server can no longer come up.
+    """
+    async with aiohttp.ClientSession() as session:
+
+        async def answers() -> bool:
+            if alive is not None:
+                alive()
+            try:
+                async with session.get(f"{url}{path}") as resp:
+                    return resp.status == 200
+            except aiohttp.ClientError:
+                return False
+
+        await wait_until(answers, what=f"{url} to serve")
 
 
 async def cluster_status(session: aiohttp.ClientSession, url: str) -> dict[str, Any]:
@@ -147,19 +175,13 @@ class NodeProcess:
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
         )
-        async with aiohttp.ClientSession() as session:
 
-            async def answers() -> bool:
-                assert self.process is not None
-                if self.process.returncode is not None:
-                    raise RuntimeError(f"fake node {self.name} exited early")
-                try:
-                    async with session.get(f"{self.url}/internal/ping") as resp:
-                        return resp.status == 200
-                except aiohttp.ClientError:
-                    return False
+        def alive() -> None:
+            assert self.process is not None
+            if self.process.returncode is not None:
+                raise RuntimeError(f"fake node {self.name} exited early")
 
-            await wait_until(answers, what=f"{self.name} to start")
+        await wait_until_serving(self.url, alive=alive)
 
     def kill(self) -> None:
         """SIGKILL: the node dies at once, mid-request or not."""
@@ -189,8 +211,6 @@ class NodeProcess:
 @asynccontextmanager
 async def node_processes(*flag_sets: Sequence[str]) -> AsyncIterator[list[NodeProcess]]:
     """One subprocess fake node per flag list, on free ports, stopped at the end."""
-    from sdproxy.cli import free_port
-
     processes = [NodeProcess(f"p{i}", free_port(), *flags) for i, flags in enumerate(flag_sets)]
     try:
         for process in processes:
@@ -270,13 +290,15 @@ def assert_complete(proxied: dict[str, Any], body: dict[str, Any]) -> None:
 async def wait_for_status(
     session: aiohttp.ClientSession, url: str, predicate: Any, timeout_s: float = 30
 ) -> dict[str, Any]:
-    """Poll /cluster/status until ``predicate(status)`` holds."""
-    async with asyncio.timeout(timeout_s):
-        while True:
-            status = await cluster_status(session, url)
-            if predicate(status):
-                return status
-            await asyncio.sleep(0.02)
+    """Poll /cluster/status until ``predicate(status)`` holds; return that status."""
+    seen: dict[str, Any] = {}
+
+    async def holds() -> bool:
+        seen.update(await cluster_status(session, url))
+        return bool(predicate(seen))
+
+    await wait_until(holds, what="a /cluster/status that matches", timeout_s=timeout_s)
+    return seen
 
 
 # --- Redis and replicas (issue 13) ---------------------------------------------------------------
@@ -398,6 +420,10 @@ def replica_config(
     return path
 
 
+class _Exited(Exception):
+    """The subprocess ended before it served."""
+
+
 class ReplicaProcess:
     """One sdproxy replica (``python -m sdproxy serve``) as a subprocess, to kill by PID.
 
@@ -442,20 +468,17 @@ class ReplicaProcess:
                 "serve", "--config", str(self.config),
                 env=env, stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file,
             )  # fmt: skip
-        async with aiohttp.ClientSession() as session:
-            deadline = asyncio.get_running_loop().time() + 30
-            while asyncio.get_running_loop().time() < deadline:
-                if self.process.returncode is not None:
-                    return False
-                try:
-                    async with session.get(f"{self.url}/internal/ping") as resp:
-                        if resp.status == 200:
-                            return True
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.05)
-        await self.stop()
-        return False
+        process = self.process
+
+        def alive() -> None:
+            if process.returncode is not None:
+                raise _Exited
+
+        try:
+            await wait_until_serving(self.url, alive=alive)
+        except _Exited:
+            return False  # most likely the port was taken meanwhile: the caller tries another
+        return True
 
     def kill(self) -> None:
         """SIGKILL: the replica dies at once, with the requests and leases it holds."""

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import aiohttp
 
-from sdproxy.cli import free_port
+from tests.support import free_port
 
 
 async def run_cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:

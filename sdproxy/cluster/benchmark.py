@@ -6,31 +6,35 @@ image (slope). Warm-up runs come first and are not timed, so loading the checkpo
 caches does not count. Results go to a JSON state file with when they were measured and on which
 checkpoint; ``serve`` reuses them across restarts and benchmarks, in the background, only the
 nodes without one (they are planned by weight meanwhile).
+
+While serving, each run is background work on the node's lane: it runs only while no client job
+waits for the node, the run in progress counts in the node's backlog, and every timed run teaches
+the node's speed model as soon as it ends.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import orjson
 
+from sdproxy.cluster.clock import Clock
+from sdproxy.cluster.lanes import Background, Lane
+from sdproxy.cluster.state import ClusterState
 from sdproxy.config import BenchmarkSettings
 from sdproxy.core.speed import SpeedEstimate, fit_benchmark, image_work
 from sdproxy.errors import NodeError
+from sdproxy.logs import log_crash
 from sdproxy.nodes.client import NodeClient
-
-if TYPE_CHECKING:
-    from sdproxy.cluster.scheduler import Cluster
 
 log = logging.getLogger(__name__)
 
@@ -139,20 +143,35 @@ def payload(settings: BenchmarkSettings, batch_size: int) -> dict[str, Any]:
     }
 
 
+RunOne = Callable[[int, bool], Awaitable[float]]  # (batch size, timed) -> seconds it took
+
+
+def direct_runs(client: NodeClient, settings: BenchmarkSettings, timeout_s: float) -> RunOne:
+    """Runs sent straight to the node and timed here (the ``sdproxy benchmark`` command)."""
+
+    async def run_one(size: int, _timed: bool) -> float:
+        started = time.perf_counter()
+        await client.generate("txt2img", payload(settings, size), timeout_s)
+        return time.perf_counter() - started
+
+    return run_one
+
+
 async def benchmark_node(
     client: NodeClient,
     settings: BenchmarkSettings,
     timeout_s: float,
     *,
-    turn: asyncio.Lock | None = None,
+    run_one: RunOne | None = None,
     progress: Progress | None = None,
 ) -> BenchmarkResult:
     """Time ``client`` on the standard payload; raises NodeError if a run fails.
 
-    ``turn`` is the node's lane lock when sdproxy is serving: each run waits for the job on the
-    node to end, so benchmark and real work never overlap on it.
+    ``run_one`` runs and times one batch (default: straight to the node); a serving sdproxy
+    runs them through the node's lane instead (Benchmarker).
     """
     say = progress or (lambda _node, _what: None)
+    run_one = run_one or direct_runs(client, settings, timeout_s)
     options = await client.request("GET", "sdapi/v1/options", timeout_s=timeout_s)
     checkpoint = options.get("sd_model_checkpoint") if isinstance(options, dict) else None
     small, large = settings.batch_sizes
@@ -164,10 +183,7 @@ async def benchmark_node(
     for number, (size, timed) in enumerate(plan, start=1):
         label = "timed" if timed else "warm-up"
         say(client.name, f"run {number}/{total}: {label}, batch {size}")
-        async with turn or contextlib.nullcontext():
-            started = time.perf_counter()
-            await client.generate("txt2img", payload(settings, size), timeout_s)
-            seconds = time.perf_counter() - started
+        seconds = await run_one(size, timed)
         if timed:
             runs.append((size, seconds))
         say(client.name, f"run {number}/{total}: {label}, batch {size}: {seconds:.2f} s")
@@ -187,15 +203,32 @@ async def benchmark_node(
     )
 
 
+class BenchmarkHost(Protocol):
+    """What the background benchmark needs from the cluster."""
+
+    @property
+    def clients(self) -> Mapping[str, NodeClient]: ...
+
+    @property
+    def lanes(self) -> Mapping[str, Lane]: ...
+
+    @property
+    def state(self) -> ClusterState: ...
+
+    @property
+    def clock(self) -> Clock: ...
+
+
 class Benchmarker:
     """Benchmarks the cluster's nodes in the background while it serves, and keeps results."""
 
-    def __init__(self, cluster: Cluster, settings: BenchmarkSettings) -> None:
-        self.cluster = cluster
+    def __init__(self, host: BenchmarkHost, settings: BenchmarkSettings, timeout_s: float) -> None:
+        self.host = host
         self.settings = settings
         self.results: dict[str, BenchmarkResult] = {}
         self.errors: dict[str, str] = {}
         self.running: set[str] = set()
+        self._timeout_s = timeout_s
         self._tasks: set[asyncio.Task[None]] = set()
         self._store_lock = asyncio.Lock()  # one read-modify-write of the state file at a time
 
@@ -204,12 +237,12 @@ class Benchmarker:
         path = self.settings.state_file
         stored = await asyncio.to_thread(load_state, path) if path is not None else {}
         missing = []
-        for client in self.cluster.clients:
-            result = stored.get(client.name)
+        for name, client in self.host.clients.items():
+            result = stored.get(name)
             if result is not None and result.url == client.settings.base_url:
                 self._apply(result)
             else:
-                missing.append(client.name)
+                missing.append(name)
         return missing
 
     def start(self, names: Iterable[str]) -> list[str]:
@@ -220,6 +253,7 @@ class Benchmarker:
             task = asyncio.create_task(self._run(names), name="benchmark")
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(log_crash)
         return names
 
     async def aclose(self) -> None:
@@ -244,12 +278,44 @@ class Benchmarker:
         finally:
             self.running.discard(name)  # only now: the result is applied and stored
 
+    def _lane_runs(self, name: str) -> RunOne:
+        """Runs queued as background work on the node's lane, timed on the cluster's clock."""
+        host, settings = self.host, self.settings
+        work_per_run = image_work(
+            steps=settings.steps, width=settings.width, height=settings.height
+        )
+
+        async def run_one(size: int, timed: bool) -> float:
+            done: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+
+            async def run() -> None:
+                started = host.clock.now()
+                try:
+                    await host.clients[name].generate(
+                        "txt2img", payload(settings, size), self._timeout_s
+                    )
+                except NodeError as exc:
+                    done.set_exception(exc)
+                    return
+                seconds = host.clock.now() - started
+                if timed:  # the model learns from every timed run at once
+                    host.state.observe(name, size * work_per_run, seconds)
+                done.set_result(seconds)
+
+            host.lanes[name].submit_background(Background(size * work_per_run, run))
+            return await done
+
+        return run_one
+
     async def _measure(self, name: str) -> None:
-        lane = self.cluster.lanes[name]
-        timeout_s = self.cluster.settings.scheduler.share_timeout_floor_s
+        client = self.host.clients[name]
         try:
             result = await benchmark_node(
-                lane.client, self.settings, timeout_s, turn=lane.turn, progress=_log_progress
+                client,
+                self.settings,
+                self._timeout_s,
+                run_one=self._lane_runs(name),
+                progress=_log_progress,
             )
         except NodeError as exc:
             log.warning("benchmark of node %s failed: %s", name, exc.reason)
@@ -273,7 +339,7 @@ class Benchmarker:
 
     def _apply(self, result: BenchmarkResult) -> None:
         self.results[result.node] = result
-        self.cluster.lanes[result.node].model.set_benchmark(result.estimate(), result.works())
+        self.host.state.set_benchmark(result.node, result.estimate(), result.works())
 
 
 def _store(path: Path, result: BenchmarkResult) -> None:

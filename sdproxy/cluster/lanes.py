@@ -1,236 +1,197 @@
-"""A request in flight (Run), one node request (Job), and each node's queue of them (Lane).
+"""Each node's queue (Lane): its jobs, run one at a time like the webui's own queue lock.
 
-A webui renders one job at a time, so each node has a lane: a FIFO of jobs run one after the
-other by the lane's task, which also teaches the node's speed model from every finished job.
-What to do with a failed job is the cluster's business (``Cluster.failover`` in scheduler.py);
-a lane only reports it.
+A lane runs client jobs first come first served and, only while no client job waits, the node's
+background work (benchmark runs). Before each job it takes the node's turn from the cluster
+state, so that no other job of any sdproxy process runs on the node meanwhile. What a job does
+and what its outcome means is the host's business (the cluster, through :class:`LaneHost`); a
+lane only runs it, and a job whose handling raises is reported, never lost: the lane goes on.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import time
 from collections import deque
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Collection
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Protocol
 
-from sdproxy.core.merge import BadNodeResult, Part, read_part
-from sdproxy.core.planner import Chunk
-from sdproxy.core.request import GenerationRequest, Seeds, node_body
-from sdproxy.core.speed import SpeedModel
-from sdproxy.errors import NodeBadResponse, NodeError, NodeRaised, NodeRejected, SdproxyError
-from sdproxy.logs import request_id_var
-from sdproxy.nodes.client import NodeClient
-
-if TYPE_CHECKING:
-    from sdproxy.cluster.scheduler import Cluster
+from sdproxy.cluster.clock import Clock
+from sdproxy.cluster.work import Job, Run
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(eq=False)
-class Run:
-    """One client request in flight: collects parts until every image is in."""
-
-    request: GenerationRequest
-    seeds: Seeds
-    parts: list[Part] = field(default_factory=list)
-    whole: Any = None  # the raw answer of an unsplit (script) request
-    remaining: int = 0
-    redispatches: int = 0
-    failures: dict[str, str] = field(default_factory=dict)
-    raised: set[str] = field(default_factory=set)  # nodes on which a job of this run raised
-    error: SdproxyError | None = None
-    abandoned: bool = False  # the client went away
-    done: asyncio.Event = field(default_factory=asyncio.Event)
-    request_id: str | None = field(default_factory=request_id_var.get)
-    started_at: float = field(default_factory=time.time)  # Unix time, for the dashboard
-    # Interrupted by the client: short answers are the images finished so far, not failures.
-    interrupted: bool = False
-    work_per_image: float = 1.0
-
-    @property
-    def finished(self) -> bool:
-        return self.done.is_set()
-
-    def add(self, part: Part, covered: int) -> None:
-        """A node's answer for ``covered`` images (``part`` may hold fewer when interrupted)."""
-        if self.finished:
-            return
-        self.parts.append(part)
-        self.drop(covered)
-
-    def drop(self, images: int) -> None:
-        """Stop waiting for ``images`` images (rendered, or given up after an interrupt)."""
-        self.remaining -= images
-        if self.remaining <= 0:
-            self.done.set()
-
-    def complete_whole(self, response: Any) -> None:
-        if not self.finished:
-            self.whole = response
-            self.done.set()
-
-    def fail(self, error: SdproxyError) -> None:
-        if not self.finished:
-            self.error = error
-            self.done.set()
-
-    def abandon(self) -> None:
-        """The client disconnected: jobs not yet started are dropped."""
-        if not self.finished:
-            self.abandoned = True
-            self.done.set()
+STEAL_INTERVAL_S = 0.5  # how often an idle lane looks for late work elsewhere
 
 
 @dataclass(eq=False)
-class Job:
-    """One request to one node: a chunk of a run's images, or the whole unsplit request."""
+class Background:
+    """Work a lane runs only while no client job waits (a benchmark run)."""
 
-    run: Run
-    chunk: Chunk
-    whole: bool = False
-    parked_at: float | None = None  # loop time it started waiting for a usable node
-    # The node these images raised on before (a webui 500): if they render elsewhere, that
-    # node, not the request, was at fault, and it is taken out.
-    blame: tuple[NodeClient, NodeRaised] | None = None
+    work: float  # units, for the backlog while it runs
+    run: Callable[[], Awaitable[None]]
+    requests: int = 1
+
+
+class LaneHost(Protocol):
+    """What a lane needs from the cluster."""
 
     @property
-    def work(self) -> float:
-        """Units of work (images of 20 steps at 512x512) the job renders."""
-        return self.chunk.images * self.run.work_per_image
+    def clock(self) -> Clock: ...
+
+    def usable(self, node: str) -> bool: ...
+
+    def predict_s(self, node: str, work: float, requests: int = 1) -> float: ...
+
+    def turn(self, node: str) -> AbstractAsyncContextManager[None]: ...
+
+    def rebalance(self) -> bool:
+        """Let idle lanes take over late work; True if any did."""
+        ...
+
+    async def run_job(self, lane: Lane, job: Job) -> None: ...
+
+    def job_crashed(self, lane: Lane, job: Job, error: Exception) -> None:
+        """Handling ``job`` raised unexpectedly (a bug): its images must go on."""
+        ...
+
+    def redispatch(self, job: Job) -> None:
+        """``job`` can no longer run on this lane's node (it went down or was disabled)."""
+        ...
+
+    def queue_changed(self, lane: Lane) -> None: ...
 
 
 class Lane:
-    """One node's queue of jobs, run one at a time like the webui's own queue lock."""
+    """One node's queue of jobs."""
 
-    def __init__(self, client: NodeClient, cluster: Cluster) -> None:
-        self.client = client
+    def __init__(self, node: str, host: LaneHost, steal_interval_s: float = STEAL_INTERVAL_S):
+        self.name = node
         self.pending: deque[Job] = deque()
-        self.current: Job | None = None
-        self.started_at = 0.0  # loop time the current job started
-        self.model = SpeedModel(client.settings.weight)
-        # Held while a job runs; a benchmark takes it between jobs, never during one.
-        self.turn = asyncio.Lock()
-        self._cluster = cluster
+        self.background: deque[Background] = deque()
+        self.current: Job | Background | None = None
+        self.started_at = 0.0  # clock time the current job started
+        self._host = host
+        self._steal_interval_s = steal_interval_s
         self._wake = asyncio.Event()
-
-    @property
-    def name(self) -> str:
-        return self.client.name
 
     @property
     def idle(self) -> bool:
         return self.current is None and not self.pending
 
+    @property
+    def running(self) -> Job | None:
+        """The client job the node is rendering now, if any."""
+        return self.current if isinstance(self.current, Job) else None
+
     def submit(self, job: Job) -> None:
         self.pending.append(job)
-        self._wake.set()
+        self._changed()
+
+    def submit_background(self, work: Background) -> None:
+        self.background.append(work)
+        self._changed()
 
     def take_pending(self) -> list[Job]:
-        """Remove and return every job not yet started."""
+        """Remove and return every client job not yet started."""
         jobs = list(self.pending)
         self.pending.clear()
+        self._changed()
         return jobs
+
+    def withdraw(self, runs: Collection[Run]) -> list[Job]:
+        """Remove and return the jobs of ``runs`` not yet started."""
+        taken = [job for job in self.pending if job.run in runs]
+        if taken:
+            self.pending = deque(job for job in self.pending if job.run not in runs)
+            self._changed()
+        return taken
+
+    def replace(self, job: Job, kept: list[Job]) -> None:
+        """Put ``kept`` where ``job`` waits (work stealing keeps the rest of a split job)."""
+        at = self.pending.index(job)
+        del self.pending[at]
+        for each in reversed(kept):
+            self.pending.insert(at, each)
+        self._changed()
 
     @property
     def queued_images(self) -> int:
-        """Images waiting or rendering on this node."""
-        jobs = [*self.pending, *([self.current] if self.current else [])]
-        return sum(job.chunk.images for job in jobs if not job.run.finished)
+        """Client images waiting or rendering on this node."""
+        jobs = [*self.pending, *([self.running] if self.running else [])]
+        return sum(job.images for job in jobs if job.live)
 
     def backlog_s(self, now: float) -> float:
-        """Predicted seconds until this node has finished everything queued on it."""
-        cluster = self._cluster
-        total = 0.0
-        if self.current is not None and not self.current.run.finished:
-            predicted = cluster.predict_s(self, self.current.work)
+        """Predicted seconds until this node has finished what is queued on it.
+
+        Queued background work is left out: it waits for the client work.
+        """
+        host, total = self._host, 0.0
+        current = self.current
+        if current is not None and (not isinstance(current, Job) or current.live):
+            requests = current.requests if isinstance(current, Background) else 1
+            predicted = host.predict_s(self.name, current.work, requests)
             total += max(predicted - (now - self.started_at), 0.0)
         for job in self.pending:
-            if not job.run.finished:
-                total += cluster.predict_s(self, job.work)
+            if job.live:
+                total += host.predict_s(self.name, job.work)
         return total
 
+    def _changed(self) -> None:
+        self._wake.set()
+        self._host.queue_changed(self)
+
     async def run_forever(self) -> None:
-        loop = asyncio.get_running_loop()
+        """Run jobs as they come; cancelled when the cluster stops."""
         while True:
-            while not self.pending:
-                self._wake.clear()
-                if self._cluster.rebalance():
-                    continue
-                # Idle: look again now and then, in case work elsewhere runs late.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self._cluster.steal_interval_s):
-                        await self._wake.wait()
-            async with self.turn:  # a benchmark run may hold it: the job stays visible meanwhile
-                if not self.pending:
-                    continue  # taken over by another lane while the benchmark ran
-                job = self.pending.popleft()
-                if job.run.finished:
-                    continue
-                if not self.client.usable:  # went down or was disabled after it was queued
-                    self._cluster.dispatch(job)
-                    continue
-                self.current = job
-                self.started_at = loop.time()
-                try:
-                    await self._execute(job)
-                finally:
-                    self.current = None
-            self._cluster.rebalance()
+            await self._wait_for_work()
+            async with self._host.turn(self.name):
+                item = self._next()
+                if item is not None:
+                    await self._run(item)
+            self._host.rebalance()
 
-    async def _execute(self, job: Job) -> None:
-        run, chunk, client = job.run, job.chunk, self.client
-        request = run.request
-        if job.whole:
-            body = request.body
-        else:
-            body = node_body(request, run.seeds, chunk.start, chunk.batch_size, chunk.n_iter)
-        timeout_s = self._cluster.share_deadline_s(client.name, request, chunk.images)
-        metrics, started = self._cluster.metrics, time.perf_counter()
+    async def _wait_for_work(self) -> None:
+        while not self.pending and not self.background:
+            self._wake.clear()
+            if self._host.rebalance():
+                continue
+            # Idle: look again now and then, in case work elsewhere runs late.
+            await self._host.clock.wait(self._wake, self._steal_interval_s)
+
+    def _next(self) -> Job | Background | None:
+        """The next client job, else the next background work; None if nothing is left."""
+        while self.pending:
+            job = self.pending.popleft()
+            if job.run.finished:  # the answer was decided while it waited
+                job.retire()
+                continue
+            if not self._host.usable(self.name):  # went down after the job was queued
+                self._host.redispatch(job)
+                continue
+            return job
+        # Background work runs on a node that is down too: a benchmark then fails and says why.
+        return self.background.popleft() if self.background else None
+
+    async def _run(self, item: Job | Background) -> None:
+        self.current, self.started_at = item, self._host.clock.now()
+        self._host.queue_changed(self)
         try:
-            response = await client.generate(request.kind, body, timeout_s)
-            if not run.interrupted:  # a short, interrupted answer says nothing of the speed
-                self.model.observe(job.work, time.perf_counter() - started)
-            if job.whole:
-                run.complete_whole(response)
-                self._succeeded()
-                metrics.observe_job(client.name, "ok", time.perf_counter() - started)
-                self._cluster.blame(job)
-                return
-            try:
-                part = read_part(
-                    client.name,
-                    chunk.start,
-                    chunk.images,
-                    response,
-                    request.send_images,
-                    allow_short=run.interrupted,
-                )
-            except BadNodeResult as exc:
-                raise NodeBadResponse(client.name, str(exc)) from exc
-        except NodeRejected as exc:
-            # The node is fine; the request is not. Every node would say the same.
-            self._succeeded()
-            metrics.observe_job(client.name, "rejected", time.perf_counter() - started)
-            run.fail(exc)
-        except NodeRaised as exc:
-            log.info("node %s raised on images %s..: %s", client.name, chunk.start, exc.reason)
-            metrics.observe_job(client.name, "error", time.perf_counter() - started)
-            self._cluster.retry_elsewhere(self, job, exc)
-        except NodeError as exc:
-            log.warning("node %s failed images %s..: %s", client.name, chunk.start, exc.reason)
-            metrics.observe_job(client.name, "error", time.perf_counter() - started)
-            self._cluster.failover(self, job, exc)
-        else:
-            self._succeeded(part.count)
-            metrics.observe_job(client.name, "ok", time.perf_counter() - started, part.count)
-            run.add(part, chunk.images)
-            self._cluster.blame(job)
-
-    def _succeeded(self, images: int = 0) -> None:
-        if self.client.record_success(images) and self.client.usable:
-            # A probe had marked it down meanwhile: work parked for a node can use it now.
-            self._cluster.resume_parked()
+            if isinstance(item, Background):
+                await item.run()
+            else:
+                await self._host.run_job(self, item)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # A bug, not a node failure: logged once here, and the images go on elsewhere.
+            request_id = item.run.request_id if isinstance(item, Job) else None
+            log.exception(
+                "node %s: unexpected error running a job (request %s)", self.name, request_id
+            )
+            if isinstance(item, Job):
+                self._host.job_crashed(self, item, exc)
+        finally:
+            self.current = None
+            self._host.queue_changed(self)

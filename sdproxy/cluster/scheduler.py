@@ -1,17 +1,15 @@
-"""Runs generation requests on the cluster: one queue per node, dispatch, failover, merge.
+"""Runs generation requests on the cluster: the Cluster that ties the package together.
 
-A webui renders one job at a time, so each node has a lane: a FIFO of jobs (one HTTP request
-each) run one after the other by the lane's task. A request is planned into shares that end it
-as early as each node's speed model and backlog (predicted seconds of work queued or running on
-it) allow, each share cut into jobs, and the jobs queued on their nodes' lanes, first come
-first served. Every finished job teaches its node's model. When a lane runs dry while jobs of a
-request still wait on another lane, the idle node takes over the part of the waiting work it
-finishes earlier (work stealing). When a job fails on a node, the node is marked down and the
-job, with every job still waiting on that lane, is planned again onto the usable nodes: seeds
-were fixed up front, so any image renders the same anywhere. Work that finds no usable node is
-parked until a node comes back or ``wait_for_node_s`` passes (parking.py). One watcher task per
-node probes it (every interval while up, after a growing cooldown while down; watcher.py). Run,
-Job and Lane are in lanes.py.
+Each node has a lane (lanes.py) that runs its jobs one at a time. A request is planned into
+shares that end it earliest (dispatch.py), cut into jobs queued on their nodes' lanes; each
+outcome is acted on (settle.py: failover replans a failed node's images with the same seeds);
+idle lanes take over late work (stealing.py); work with no usable node is parked (parking.py);
+one watcher per node probes it (watcher.py); a finished run is merged (answers.py).
+
+The Cluster holds what this process runs (lanes, requests in flight) and leaves what every
+replica shares to the :class:`~sdproxy.cluster.state.ClusterState`. Its tasks are supervised:
+a job whose handling raises is logged, tried once on another node, then answered with a 500
+naming the request; a lane or watcher that dies is restarted.
 """
 
 from __future__ import annotations
@@ -20,27 +18,31 @@ import asyncio
 import logging
 import math
 import random
-import statistics
-import time
-from collections import deque
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import aiohttp
 
-from sdproxy.cluster import stealing, watcher
-from sdproxy.cluster.checkpoints import ModelCatalog
-from sdproxy.cluster.lanes import Job, Lane, Run
+from sdproxy.cluster import interrupts, stealing
+from sdproxy.cluster.answers import GenerationResult, answer
+from sdproxy.cluster.checkpoints import CheckpointRouter
+from sdproxy.cluster.clock import Clock, LoopClock
+from sdproxy.cluster.dispatch import Dispatcher
+from sdproxy.cluster.execute import execute
+from sdproxy.cluster.forecast import Forecast
+from sdproxy.cluster.lanes import Lane
 from sdproxy.cluster.parking import Parking
+from sdproxy.cluster.settle import Settler
+from sdproxy.cluster.state import ClusterState, MemoryState
+from sdproxy.cluster.supervise import Supervisor
+from sdproxy.cluster.watcher import probe_once, retry_after_s, watch_node, why_none
+from sdproxy.cluster.work import Job, Run, ownership_problems
 from sdproxy.config import Settings
-from sdproxy.core import images
-from sdproxy.core.merge import Merged, merge_parts, with_grid
-from sdproxy.core.planner import Chunk, NodeLoad, Share, chunk_share, plan_under_load
+from sdproxy.core.planner import Chunk, Share
 from sdproxy.core.request import GenerationRequest, resolve_seeds
-from sdproxy.core.speed import NOMINAL_PER_UNIT_S, SpeedEstimate, work_per_image
+from sdproxy.core.speed import work_per_image
 from sdproxy.errors import (
-    GenerationFailed,
     NodeError,
     NodeRaised,
     NoNodeAvailable,
@@ -49,431 +51,349 @@ from sdproxy.errors import (
     RequestTimeout,
     SdproxyError,
 )
-from sdproxy.nodes.client import NodeClient, probe_all
+from sdproxy.logs import log_crash
+from sdproxy.nodes.client import NodeClient
+from sdproxy.nodes.fanout import call_each
 from sdproxy.ops.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-Blame = tuple[NodeClient, NodeRaised]  # a node whose job raised, and what it raised
-
-
-@dataclass
-class GenerationResult:
-    """What a handler sends back: the webui's JSON envelope and who rendered what."""
-
-    body: dict[str, Any]
-    shares: list[tuple[str, int, int]]  # (node, first image, last image)
-
 
 class Cluster:
-    """Every node behind sdproxy, their lanes, and the requests running on them."""
-
-    steal_interval_s = 0.5  # how often an idle lane looks for late work elsewhere
+    """Every node behind sdproxy, their lanes, and the requests this process runs on them."""
 
     def __init__(
         self,
         settings: Settings,
         session: aiohttp.ClientSession,
+        *,
         rng: random.Random | None = None,
         metrics: Metrics | None = None,
+        clock: Clock | None = None,
+        state: ClusterState | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
-        self.runs: set[Run] = set()  # requests in flight, for /cluster/status
-        self.clients = [NodeClient(session, node, settings.scheduler) for node in settings.nodes]
-        self.lanes = {client.name: Lane(client, self) for client in self.clients}
-        self.models = ModelCatalog(self.clients, settings.api)
+        self.clock = clock or LoopClock()
+        self.state = state or MemoryState(settings.nodes, settings.scheduler, self.clock)
+        scheduler = settings.scheduler
+        self.clients = {n.name: NodeClient(session, n, scheduler) for n in settings.nodes}
+        self.runs: set[Run] = set()  # requests in flight, and left ones with jobs still running
+        self.lanes = {name: Lane(name, self) for name in self.clients}
+        self.forecast = Forecast(self.state, {n.name: n for n in settings.nodes}, scheduler)
+        self.router = CheckpointRouter(
+            self.clients, self.state, settings.api, self.note_failure, self.clock.wall
+        )
+        self.parking = Parking(self.clock, scheduler.wait_for_node_s, self._no_node)
+        self.dispatcher = Dispatcher(
+            self.lanes, self.forecast, self.router, self.parking, self.state, self.clock, self.runs
+        )
+        self.settler = Settler(
+            self.state,
+            self.dispatcher,
+            self.metrics,
+            scheduler.max_redispatches,
+            lambda node: self._wakes[node].set(),
+        )
+        # Finished requests nobody received ("finish" on disconnect) go here: autosave.
+        self.unseen_results: Callable[[GenerationResult], None] | None = None
         self._rng = rng or random.SystemRandom()
-        self._tasks: list[asyncio.Task[None]] = []
-        self._wakes = {client.name: asyncio.Event() for client in self.clients}
-        self.parking = Parking(settings.scheduler.wait_for_node_s, self._no_node)
+        self._supervisor = Supervisor(self.clock)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._wakes = {name: asyncio.Event() for name in self.clients}
+        self.state.on_health_change(self._health_changed)
+        self.state.track_backlog(self._backlog_view)
 
     async def start(self) -> None:
-        """Probe every node once, then start the lanes and one health watcher per node."""
-        await probe_all(self.clients, self.settings.scheduler.health_timeout_s)
+        """Probe every node once, sync the usable ones, then start the lanes and watchers."""
+        timeout_s = self.settings.scheduler.health_timeout_s
         async with asyncio.TaskGroup() as group:
-            for client in self.healthy_clients():
-                group.create_task(self.models.sync(client))
-        for lane in self.lanes.values():
-            self._tasks.append(asyncio.create_task(lane.run_forever(), name=lane.client.name))
-        for client in self.clients:
-            watch = watcher.watch_node(self, client, self._wakes[client.name])
-            self._tasks.append(asyncio.create_task(watch, name=f"{client.name}-h"))
+            for name in self.clients:
+                group.create_task(probe_once(self, name, timeout_s))
+        async with asyncio.TaskGroup() as group:
+            for name in self.dispatcher.usable_nodes():
+                group.create_task(self.router.sync(name))
+        for name, lane in self.lanes.items():
+            self._supervisor.start(f"lane {name}", lane.run_forever)
+            self._supervisor.start(f"watcher {name}", self._watch(name))
+
+    def _watch(self, node: str) -> Callable[[], Coroutine[Any, Any, None]]:
+        return lambda: watch_node(self, node, self.settings.scheduler, self._wakes[node])
 
     async def aclose(self) -> None:
-        """Stop the lanes and the watchers; requests still waiting fail with 503."""
-        for task in self._tasks:
+        """Stop the lanes and the watchers; requests still in flight fail with 503."""
+        await self._supervisor.aclose()
+        for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)  # all cancelled on purpose
-        self._tasks.clear()
-        await self.models.aclose()
         self.parking.cancel_timers()
-        waiting = [job for lane in self.lanes.values() for job in lane.take_pending()]
-        for job in [*waiting, *self.parking.take_all()]:
-            job.run.fail(NoNodeAvailable("sdproxy is shutting down"))
+        interrupts.withdraw(set(self.runs), self.lanes, self.parking)
+        for run in self.runs:
+            run.fail(NoNodeAvailable("sdproxy is shutting down"))
 
     def client(self, name: str) -> NodeClient:
         """The node called ``name``; NotFound (404) if there is none."""
-        for client in self.clients:
-            if client.name == name:
-                return client
-        raise NotFound(f"no node named {name!r}")
+        if name not in self.clients:
+            raise NotFound(f"no node named {name!r}")
+        return self.clients[name]
 
-    def healthy_clients(self) -> list[NodeClient]:
+    def usable_clients(self) -> list[NodeClient]:
         """Nodes that may be given work: up and not disabled."""
-        return [client for client in self.clients if client.usable]
+        return [self.clients[name] for name in self.dispatcher.usable_nodes()]
 
     @property
     def waiting_images(self) -> int:
         """Images of requests parked until a node comes back."""
         return self.parking.waiting_images
 
-    # --- speed -----------------------------------------------------------------------------
+    def queued_images(self) -> int:
+        return sum(lane.queued_images for lane in self.lanes.values())
 
-    def estimate(self, lane: Lane) -> SpeedEstimate:
-        """The lane's speed; an unmeasured node is scaled like the measured ones, by weight."""
-        return lane.model.estimate(self._nominal_per_unit_s())
+    def backlog_s(self, node: str) -> float:
+        return self.dispatcher.backlog_s(self.lanes[node], self.clock.now())
 
-    def predict_s(self, lane: Lane, work: float, requests: int = 1) -> float:
-        return self.estimate(lane).predict_s(work, requests)
-
-    def predict_job_s(self, node: str, request: GenerationRequest, images: int) -> float | None:
-        """Predicted seconds ``node`` takes to render ``images`` of ``request``.
-
-        The share's own running time (as the one or two node requests it is cut into), not the
-        wait for the work queued before it. None while nothing was measured on the node
-        (neither a benchmark nor a finished job): then only the configured weight is known.
-        """
-        lane = self.lanes.get(node)
-        if lane is None or not lane.model.measured or images <= 0:
-            return None
-        unit = request.unit_size
-        limit = self.batch_limit(lane, request)
-        requests = (
-            1 if limit is None else max(1, len(chunk_share(Share(node, 0, images // unit), limit)))
-        )
-        return lane.model.estimate().predict_s(images * work_per_image(request), requests)
-
-    def share_deadline_s(self, node: str, request: GenerationRequest, images: int) -> float:
-        """How long one node request may take before the node counts as failed."""
-        scheduler = self.settings.scheduler
-        predicted = self.predict_job_s(node, request, images)
-        if predicted is None:
-            return scheduler.share_timeout_floor_s
-        return max(scheduler.share_timeout_floor_s, scheduler.share_timeout_factor * predicted)
-
-    def _nominal_per_unit_s(self) -> float:
-        """Seconds per unit at weight 1, as the measured nodes show it (or a nominal guess)."""
-        measured = [
-            lane.model.estimate().per_unit_s * lane.model.weight
-            for lane in self.lanes.values()
-            if lane.model.measured
-        ]
-        return statistics.median(measured) if measured else NOMINAL_PER_UNIT_S
+    def ownership_problems(self) -> list[str]:
+        """Breaches of "every image in flight has exactly one owner" (tests check it is [])."""
+        placed = [("parking", job) for job in self.parking.jobs]
+        for lane in self.lanes.values():
+            placed += [(f"node {lane.name}", job) for job in lane.pending]
+            placed += [(f"node {lane.name} (running)", lane.running)] if lane.running else []
+        return ownership_problems(self.runs, placed)
 
     # --- requests --------------------------------------------------------------------------
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         """Render ``request`` on the usable nodes and merge the answers into one."""
-        eligible = self.healthy_clients()
-        if eligible:
-            self._check_queue(request, eligible)
-        seeds = resolve_seeds(request, self._rng)
+        usable = self.dispatcher.usable_nodes()
+        if usable:
+            self._check_queue(request, usable)
         run = Run(
             request,
-            seeds,
+            resolve_seeds(request, self._rng),
             remaining=request.total_images,
             work_per_image=work_per_image(request),
+            started_at=self.clock.wall(),
         )
-        if eligible:
-            await self.models.prepare(request, eligible)
-        if request.splittable:
-            job = Job(run, Chunk(0, request.total_images, 1))
-        else:
-            job = Job(run, Chunk(0, request.batch_size, request.n_iter), whole=True)
-        # A routing error (no node has the checkpoint) goes to the client; no usable node parks.
-        self.dispatch(job, routing_errors=True)
+        warnings = []
+        if usable:
+            await self.router.prepare(request, usable)
+            fallback = self.router.select(request, usable).fallback
+            if fallback is not None:
+                log.warning(
+                    "no node has checkpoint %r: rendering with the loaded one", fallback[:100]
+                )
+                warnings.append("checkpoint not found on any node; rendered with the loaded one")
+        whole = not request.splittable
+        size = (request.batch_size, request.n_iter) if whole else (request.total_images, 1)
+        problem = self.dispatcher.dispatch(Job(run, Chunk(0, *size), whole=whole), first=True)
+        if problem is not None:  # no node may render it: the client hears why at once
+            raise problem
         self.runs.add(run)
         try:
             async with asyncio.timeout(self.settings.scheduler.request_timeout_s):
                 await run.done.wait()
         except TimeoutError:
             run.fail(RequestTimeout("the request took longer than request_timeout_s"))
-        except asyncio.CancelledError:
-            # The client disconnected (aiohttp cancels the handler): drop unstarted jobs.
-            run.abandon()
+        except asyncio.CancelledError:  # the client disconnected (aiohttp cancels the handler)
+            self._client_left(run)
             raise
         finally:
+            if run.finished:
+                self._withdraw(run)
+        result = await answer(run)
+        result.warnings.extend(warnings)
+        return result
+
+    def _client_left(self, run: Run) -> None:
+        """Nobody will read ``run``'s answer: interrupt it, or finish it for autosave."""
+        mode = self.settings.scheduler.on_disconnect
+        if mode is None:
+            mode = "finish" if self.unseen_results is not None else "interrupt"
+        if mode == "finish":
+            self._spawn(self._finish_unseen(run), f"finish {run.request_id}")
+            return
+        run.interrupted = True  # short answers from the nodes are expected now
+        run.abandon()
+        self._withdraw(run)
+        nodes = [name for name, job in self.running_jobs() if job.run is run]
+        if nodes:
+            self._spawn(self.tell(nodes, "interrupt"), f"interrupt {run.request_id}")
+
+    async def _finish_unseen(self, run: Run) -> None:
+        try:
+            async with asyncio.timeout(self.settings.scheduler.request_timeout_s):
+                await run.done.wait()
+        except TimeoutError:
+            run.fail(RequestTimeout("the request took longer than request_timeout_s"))
+        self._withdraw(run)
+        try:
+            result = await answer(run)
+        except SdproxyError as exc:
+            log.info("request %s, whose client left, failed: %s", run.request_id, exc)
+            return
+        if self.unseen_results is not None:
+            self.unseen_results(result)
+
+    async def tell(
+        self, nodes: list[str], path: str
+    ) -> tuple[dict[str, Any], dict[str, NodeError]]:
+        """POST ``path`` (interrupt, skip) to ``nodes`` at once: (answers, errors) by node."""
+        timeout_s = self.settings.api.read_timeout_s
+        return await call_each(
+            [self.clients[name] for name in nodes],
+            lambda c: c.request("POST", f"sdapi/v1/{path}", timeout_s=timeout_s),
+            self.note_failure,
+        )
+
+    def _spawn(self, work: Coroutine[Any, Any, Any], name: str) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(work, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(log_crash)
+
+    def _withdraw(self, run: Run) -> None:
+        """Take a finished run's unstarted jobs off the lanes and out of the parking."""
+        interrupts.withdraw({run}, self.lanes, self.parking)
+        self._forget_settled()
+
+    def _forget_settled(self) -> None:
+        for run in [run for run in self.runs if run.settled]:
             self.runs.discard(run)
-        if run.error is not None:
-            raise run.error
-        if not request.splittable:
-            return GenerationResult(run.whole, [])
-        if not run.parts:  # interrupted, and the nodes it was on failed
-            why = "interrupted, and no node returned an image"
-            raise GenerationFailed(f"generation failed: {why}", failures=dict(run.failures))
-        merged = merge_parts(request, seeds, run.parts, partial=run.interrupted)
-        if merged.grid_wanted:
-            merged = await self._add_grid(merged, request)
-        return GenerationResult(merged.to_json_dict(), merged.shares)
 
-    def queued_images(self) -> int:
-        return sum(lane.queued_images for lane in self.lanes.values())
-
-    def _check_queue(self, request: GenerationRequest, healthy: list[NodeClient]) -> None:
+    def _check_queue(self, request: GenerationRequest, usable: list[str]) -> None:
         """429 when this request would take the queue past max_queued_images."""
         limit = self.settings.scheduler.max_queued_images
         queued = self.queued_images()
         if queued and queued + request.total_images > limit:
-            now = asyncio.get_running_loop().time()
-            soonest = min(self.lanes[c.name].backlog_s(now) for c in healthy)
-            retry_after = min(max(math.ceil(soonest), 1), 600)
+            soonest = min(self.backlog_s(name) for name in usable)
             raise QueueFull(
                 f"{queued} images are queued; sdproxy takes at most {limit} "
                 f"(scheduler.max_queued_images)",
-                retry_after_s=retry_after,
+                retry_after_s=min(max(math.ceil(soonest), 1), 600),
             )
 
-    def _whole_lane(self, job: Job, healthy: list[NodeClient]) -> Lane:
-        """The lane that would finish an unsplit job first."""
-        now = asyncio.get_running_loop().time()
-        lanes = [self.lanes[c.name] for c in healthy]
-        return min(lanes, key=lambda lane: lane.backlog_s(now) + self.predict_s(lane, job.work))
+    # --- the lanes' host -------------------------------------------------------------------
 
-    def _plan(self, run: Run, units: int, start: int, healthy: list[NodeClient]) -> list[Share]:
-        """Shares of ``units`` from ``start`` that end earliest given every node's backlog."""
-        request = run.request
-        now = asyncio.get_running_loop().time()
-        unit_work = run.work_per_image * request.unit_size
-        loads = []
-        for client in healthy:
-            lane = self.lanes[client.name]
-            limit = self.batch_limit(lane, request)
-            if limit == 0:
-                continue
-            estimate = self.estimate(lane)
-            loads.append(
-                NodeLoad(
-                    client.name,
-                    overhead_s=estimate.overhead_s,
-                    per_unit_s=estimate.per_unit_s * unit_work,
-                    backlog_s=lane.backlog_s(now),
-                    batch_limit=limit,
-                )
-            )
-        if not loads:
-            raise NoNodeAvailable(
-                f"no healthy node takes {request.width}x{request.height} images "
-                "within its max_pixels"
-            )
-        # On a busy cluster each extra node request delays the work queued behind it on that
-        # node by its overhead: penalty len(loads) counts every overhead second in full (the
-        # planner divides by the node count). Measured in benchmarks/makespan.py against a
-        # penalty of 1: concurrent makespans 1.37 -> 1.11, 3.07 -> 2.97, 0.92 -> 0.81 and
-        # 2.27 -> 2.32 s; single requests on an idle cluster are planned as before.
-        busy = any(load.backlog_s > 0 for load in loads) or any(
-            other is not run and not other.finished for other in self.runs
-        )
-        return plan_under_load(units, loads, start, penalty=float(len(loads)) if busy else 0.0)
+    def usable(self, node: str) -> bool:
+        return self.state.usable(node)
 
-    def batch_limit(self, lane: Lane, request: GenerationRequest) -> int | None:
-        """Units one node request of ``lane`` may carry: None for whole-batch units, 0 for none.
+    def predict_s(self, node: str, work: float, requests: int = 1) -> float:
+        return self.forecast.predict_s(node, work, requests)
 
-        Single images go in batches no larger than the client's batch_size (what the client
-        knows fits in VRAM), the node's max_batch_size, nor its max_pixels.
-        """
-        if request.split_by_iteration:
-            return None
-        node = lane.client.settings
-        limit = request.batch_size
-        if node.max_batch_size is not None:
-            limit = min(limit, node.max_batch_size)
-        if node.max_pixels is not None:
-            pixels = max(request.width * request.height, request.hr_width * request.hr_height)
-            limit = min(limit, node.max_pixels // pixels)
-        return limit
+    def turn(self, node: str) -> AbstractAsyncContextManager[None]:
+        return self.state.turn(node)
 
-    def dispatch(self, job: Job, *, routing_errors: bool = False) -> None:
-        """Queue a job's images on the usable nodes that may render it, or park it.
+    def rebalance(self) -> bool:
+        """Let idle usable lanes take over waiting work they finish earlier; True if any did."""
+        if not self.settings.scheduler.work_stealing:
+            return False
+        return stealing.rebalance(self, self.clock.now())
 
-        With ``routing_errors``, a request no node may render (its checkpoint is nowhere)
-        raises; otherwise that job waits like one with no usable node.
-        """
-        run = job.run
-        if run.finished:
-            return
-        if run.interrupted and not job.whole:  # the client wants what is done, not the rest
-            run.drop(job.chunk.images)
-            return
-        usable = self.healthy_clients()
-        if usable:
-            try:
-                usable = self.models.select(run.request, usable)
-            except SdproxyError:
-                if routing_errors:
-                    raise
-                usable = []
-        # Work that raised on a node (a webui 500) is retried on the others, if there are any.
-        usable = [c for c in usable if c.name not in run.raised] or usable
-        if not usable:
-            self.parking.park(job)
-            return
-        job.parked_at = None
-        if job.whole:
-            self._whole_lane(job, usable).submit(job)
-            return
-        unit = run.request.unit_size
-        try:
-            shares = self._plan(run, job.chunk.images // unit, job.chunk.start // unit, usable)
-        except NoNodeAvailable as exc:  # no usable node takes images this large (max_pixels)
-            if routing_errors:
-                raise
-            run.fail(exc)
-            return
-        self._queue(run, shares, blame=job.blame)
+    def may_render(self, node: str, job: Job) -> bool:
+        return self.dispatcher.may_render(node, job)
 
-    def failover(self, lane: Lane, failed: Job, error: NodeError) -> None:
-        """Plan a failed job, and every job waiting behind it, onto the usable nodes."""
-        run, client = failed.run, lane.client
-        self.metrics.observe_failover(error.node)
-        self._take_out(client, error)
-        if not run.finished:
-            run.failures[error.node] = error.reason
-            run.redispatches += 1
-            if run.redispatches > self.settings.scheduler.max_redispatches:
-                failures = dict(run.failures)
-                run.fail(GenerationFailed("generation failed: too many failed attempts", failures))
-            else:
-                self.dispatch(failed)
+    def jobs_for(
+        self, run: Run, share: Share, blame: tuple[str, NodeRaised] | None = None
+    ) -> list[Job]:
+        return self.dispatcher.jobs_for(run, share, blame)
 
-    def retry_elsewhere(self, lane: Lane, failed: Job, error: NodeRaised) -> None:
-        """A job raised on a node that is up (a webui 500): try its images elsewhere, once.
+    def redispatch(self, job: Job) -> None:
+        self.dispatcher.dispatch(job)
 
-        The node stays up. If a second node raises too, or no other node may take the work,
-        the request is at fault: the client gets the node's body (422) and no node is taken
-        out. If another node renders the images, the first node was at fault (see blame()).
-        """
-        run, client = failed.run, lane.client
-        client.record_raised(error)
-        run.raised.add(client.name)
-        if run.finished:
-            return
-        others = [c for c in self._routable(run) if c.name not in run.raised]
-        if len(run.raised) >= 2 or not others:
-            run.fail(error)
-            return
-        self.metrics.observe_failover(client.name)
-        failed.blame = (client, error)
-        self.dispatch(failed)
+    def queue_changed(self, lane: Lane) -> None:
+        self.state.backlog_changed(lane.name)
 
-    def blame(self, job: Job) -> None:
-        """Images that raised on one node rendered on another: take the first node out."""
-        if job.blame is None:
-            return
-        client, error = job.blame
-        if client.usable:
-            log.warning("node %s raised on work another node rendered", client.name)
-            self._take_out(client, error)
+    def _backlog_view(self, node: str) -> tuple[float, int]:
+        lane = self.lanes[node]
+        return lane.backlog_s(self.clock.now()), lane.queued_images
 
-    def _take_out(self, client: NodeClient, error: NodeError) -> None:
-        """Mark a node down after a failure and move the work waiting on it elsewhere."""
-        if client.record_failure(error):
-            log.warning("node %s is down: %s", client.name, error.reason)
-        self._wakes[client.name].set()  # its watcher now waits for the cooldown, not the interval
-        self.drain(self.lanes[client.name])
+    async def run_job(self, lane: Lane, job: Job) -> None:
+        """Render ``job`` on ``lane``'s node and act on the outcome."""
+        node, run = lane.name, job.run
+        timeout_s = self.forecast.share_deadline_s(node, run.request, job.images)
+        self.state.count(node, requests=1)
+        started = self.clock.now()
+        outcome = await execute(self.clients[node], job, timeout_s)
+        seconds = self.clock.now() - started
+        self.settler.settle(node, job, outcome, seconds)
+        self._forget_settled()
 
-    def _routable(self, run: Run) -> list[NodeClient]:
-        """The usable nodes that may render ``run`` (its checkpoint is there)."""
-        try:
-            return self.models.select(run.request, self.healthy_clients())
-        except SdproxyError:
-            return []
+    def job_crashed(self, lane: Lane, job: Job, error: Exception) -> None:
+        """A bug met ``job`` (logged by the lane): try its images once more, elsewhere."""
+        self.settler.crashed(lane.name, job)
+        self._forget_settled()
+
+    def note_failure(self, error: NodeError) -> None:
+        """A call to a node failed outside a job: take the node out if it was the node's fault."""
+        self.settler.note_failure(error)
+
+    def _health_changed(self, node: str) -> None:
+        if self.state.usable(node):
+            self.resume_parked()
+        else:
+            self.drain(node)
+
+    def _no_node(self) -> NoNodeAvailable:
+        """The 503 for parked work that met no node failure: why, and when to retry."""
+        interval = self.settings.scheduler.health_interval_s
+        retry = retry_after_s(self.state, self.clock.wall(), interval)
+        return NoNodeAvailable(why_none(self.state, list(self.clients)), retry_after_s=retry)
+
+    def drain(self, node: str) -> None:
+        """Dispatch the jobs waiting on ``node``'s lane again (it is down or disabled)."""
+        for job in self.lanes[node].take_pending():
+            self.dispatcher.dispatch(job)
+
+    def resume_parked(self) -> None:
+        """Dispatch the work that waits for a usable node."""
+        for job in self.parking.take_all():
+            self.dispatcher.dispatch(job)
+
+    # --- controls --------------------------------------------------------------------------
 
     def disable(self, name: str) -> NodeClient:
         """Take a node out of service by hand; its waiting jobs move to other nodes."""
         client = self.client(name)
-        client.health.disable()
-        self.drain(self.lanes[name])
+        self.state.set_disabled(name, True)
         return client
 
     def enable(self, name: str) -> NodeClient:
         """Put a node back into service; it is probed at once."""
         client = self.client(name)
-        client.health.enable(time.time())
+        self.state.set_disabled(name, False)
         self._wakes[name].set()
-        if client.usable:
-            self.resume_parked()
         return client
 
-    def _no_node(self) -> NoNodeAvailable:
-        """The 503 for parked work that met no node failure: why, and when to retry."""
-        retry_after_s = watcher.retry_after_s(
-            self.clients, self.settings.scheduler.health_interval_s
-        )
-        return NoNodeAvailable(watcher.why_none(self.clients), retry_after_s=retry_after_s)
+    def running_jobs(self) -> list[tuple[str, Job]]:
+        """(node, job) for every job a node is rendering now (see interrupts.py)."""
+        return interrupts.running_jobs(self.lanes)
 
-    def drain(self, lane: Lane) -> None:
-        """Dispatch the jobs waiting on ``lane`` again (its node is down or disabled)."""
-        for job in lane.take_pending():
-            self.dispatch(job)
+    def interrupt_running(self) -> list[str]:
+        """Interrupt the requests being rendered; the nodes to send the interrupt to.
 
-    def resume_parked(self) -> None:
-        """Dispatch the work that waits for a usable node."""
-        for job in self.parking.take_all():
-            self.dispatch(job)
-
-    def running_jobs(self) -> list[tuple[Lane, Job]]:
-        """Every job a node is rendering right now for a request still in flight."""
-        return [
-            (lane, lane.current)
-            for lane in self.lanes.values()
-            if lane.current is not None and not lane.current.run.finished
-        ]
-
-    def interrupt_running(self) -> list[NodeClient]:
-        """Mark the running requests interrupted and drop their waiting jobs.
-
-        Returns the nodes to send the interrupt to. Requests only queued (not rendering
-        anywhere yet) go on, as requests waiting on a webui's queue lock do.
+        Requests only queued (not rendering anywhere yet) go on, as requests waiting on a
+        webui's queue lock do.
         """
         running = self.running_jobs()
-        runs = {job.run for _, job in running}
-        for run in runs:
-            run.interrupted = True
-        for lane in self.lanes.values():
-            kept = [job for job in lane.pending if job.run not in runs]
-            for job in lane.pending:
-                if job.run in runs:
-                    job.run.drop(job.chunk.images)
-            lane.pending = deque(kept)
-        self.parking.drop_interrupted(runs)
-        return [lane.client for lane, _ in running]
+        interrupts.interrupt({job.run for _, job in running}, self.lanes, self.parking)
+        return [name for name, _ in running]
 
-    def _queue(self, run: Run, shares: Iterable[Share], blame: Blame | None = None) -> None:
-        for share in shares:
-            for job in self.jobs_for(run, share, blame):
-                self.lanes[share.node].submit(job)
+    # --- the watchers' host ----------------------------------------------------------------
 
-    def jobs_for(self, run: Run, share: Share, blame: Blame | None = None) -> list[Job]:
-        """The jobs (node requests) that render ``share`` of ``run`` on its node."""
-        return [Job(run, chunk, blame=blame) for chunk in self._chunks(run.request, share)]
+    async def probe(self, node: str, timeout_s: float) -> None:
+        await self.clients[node].probe(timeout_s)
 
-    def _chunks(self, request: GenerationRequest, share: Share) -> list[Chunk]:
-        """Cut a share of units into node requests: whole batches go as one request."""
-        if request.split_by_iteration:
-            size = request.unit_size
-            return [Chunk(share.start * size, size, share.count)]
-        limit = self.batch_limit(self.lanes[share.node], request)
-        return chunk_share(share, max(limit or 1, 1))
+    def node_went_down(self, node: str) -> None:
+        self.drain(node)
 
-    def rebalance(self) -> bool:
-        """Let idle healthy lanes take over waiting work they finish earlier; True if any did."""
-        return stealing.rebalance(self)
+    async def catch_up(self, node: str, *, came_back: bool, poll: int) -> None:
+        """A returning node gets its lists and the cluster's checkpoint before work; every few
+        polls the lists are read again (a webui's lists change on refresh)."""
+        if came_back or not self.router.in_sync(node):
+            await self.router.sync(node)
+        elif poll % self.settings.scheduler.inventory_every_polls == 0:
+            await self.router.refresh_all([node])
 
-    async def _add_grid(self, merged: Merged, request: GenerationRequest) -> Merged:
-        if not request.send_images:
-            return with_grid(merged, None)
-        infotexts = merged.info.get("infotexts") or [None]
-        rendered = merged.images[: merged.rendered]  # not the extra images after them
-        grid = await asyncio.to_thread(images.build_grid, rendered, infotexts[0])
-        return with_grid(merged, grid)
+    def node_usable(self, node: str) -> None:
+        if self.parking:
+            self.resume_parked()

@@ -13,10 +13,6 @@ from sdproxy.core.request import GenerationRequest, Seeds
 _PER_IMAGE_LISTS = ("all_prompts", "all_negative_prompts", "all_seeds", "all_subseeds")
 
 
-class BadNodeResult(ValueError):
-    """A node's response does not hold what it was asked to render."""
-
-
 @dataclass(frozen=True)
 class Part:
     """One node's answer for images ``start .. start + count - 1``, grid removed."""
@@ -50,70 +46,6 @@ class Merged:
     def to_json_dict(self) -> dict[str, Any]:
         """The webui's envelope: images, parameters, then info as a JSON string."""
         return {"images": self.images, "parameters": self.parameters, "info": dump_info(self.info)}
-
-
-def read_part(
-    node: str,
-    start: int,
-    count: int,
-    response: Any,
-    send_images: bool,
-    *,
-    allow_short: bool = False,
-) -> Part:
-    """Check one node's JSON answer for ``count`` images and take its grid off.
-
-    With ``allow_short`` (the request was interrupted) fewer images are the ones finished so
-    far, as the webui returns them. Raises BadNodeResult when the answer lacks images or info
-    it should have.
-    """
-    if not isinstance(response, dict):
-        raise BadNodeResult("the response is not a JSON object")
-    images = response.get("images")
-    parameters = response.get("parameters")
-    raw_info = response.get("info")
-    if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
-        raise BadNodeResult("'images' is not a list of strings")
-    if not isinstance(parameters, dict):
-        raise BadNodeResult("'parameters' is not an object")
-    try:
-        info = json.loads(raw_info) if isinstance(raw_info, str) else None
-    except ValueError:
-        info = None
-    if not isinstance(info, dict):
-        raise BadNodeResult("'info' is not a JSON object string")
-    infotexts = info.get("infotexts")
-    if not isinstance(infotexts, list):
-        raise BadNodeResult("info has no 'infotexts' list")
-    if allow_short:
-        grid = info.get("index_of_first_image") == 1 and len(infotexts) >= 2
-    else:
-        grid = info.get("index_of_first_image") == 1 and len(infotexts) == count + 1
-    if grid:
-        infotexts = infotexts[1:]
-        images = images[1:] if send_images else images
-    if allow_short:
-        # An interrupted webui with no image done still reports one infotext.
-        count = min(count, len(infotexts), len(images) if send_images else count)
-        infotexts = infotexts[:count]
-    if len(infotexts) != count:
-        raise BadNodeResult(f"asked for {count} images, got infotexts for {len(infotexts)}")
-    if send_images and len(images) < count:
-        raise BadNodeResult(f"asked for {count} images, got {len(images)}")
-    for key in _PER_IMAGE_LISTS:
-        if key in info and not isinstance(info[key], list):
-            raise BadNodeResult(f"info {key!r} is not a list")
-    return Part(
-        node=node,
-        start=start,
-        count=count,
-        images=images[:count] if send_images else [],
-        extra_images=images[count:] if send_images else [],
-        infotexts=infotexts,
-        info=info,
-        parameters=parameters,
-        grid_returned=grid,
-    )
 
 
 def merge_parts(

@@ -8,6 +8,7 @@ Layout (imports point down the list; everything above ``node`` is pure):
 - ``planning``  a validated request -> the job's plan (sizes, hires fix, masks)
 - ``pixels``    deterministic images, PNG encoding and decoding
 - ``node``      one node's mutable state: settings, faults, progress, loaded checkpoint
+- ``faults``    the misbehaviours: lies in an answer, and answers of servers in the way
 - ``jobs``      running one txt2img/img2img job
 - ``server``    the aiohttp app: endpoints, auth, error middleware, serving
 """

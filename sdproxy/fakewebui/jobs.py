@@ -10,6 +10,14 @@ from aiohttp import web
 from PIL import Image
 
 from sdproxy.fakewebui.catalog import check_scripts
+from sdproxy.fakewebui.faults import (
+    IN_THE_WAY,
+    answer_in_the_way,
+    lie_in_images,
+    lie_in_info,
+    lie_in_plan,
+    lie_in_request,
+)
 from sdproxy.fakewebui.infotext import Generation, info_json, infotext
 from sdproxy.fakewebui.model import (
     IMG2IMG_FIELDS,
@@ -109,7 +117,7 @@ class _Job:
             mask_blank = await asyncio.to_thread(lambda: mask.convert("L").getbbox() is None)
         plan = plan_job(
             self.mode,
-            req,
+            lie_in_request(self.fault, req),
             seed=self._fixed_seed(req["seed"]),
             subseed=self._fixed_seed(req["subseed"]),
             opts=opts,
@@ -120,7 +128,7 @@ class _Job:
             mask_blank=mask_blank,
             version=node.settings.version,
         )
-        return await self._sample(plan, opts)
+        return await self._sample(lie_in_plan(self.fault, plan), opts)
 
     async def _steps(self, steps: int, images: int, size: tuple[int, int]) -> None:
         """One sampling pass; stops after the current step on interrupt or skip."""
@@ -188,7 +196,9 @@ class _Job:
             pngs.insert(0, grid)
             texts.insert(0, main)
             index_of_first_image = 1
-        info = info_json(gen, texts, index_of_first_image, state.job_timestamp)
+        info = lie_in_info(
+            self.fault, info_json(gen, texts, index_of_first_image, state.job_timestamp)
+        )
         return await asyncio.to_thread(self._body, pngs, info)
 
     def _body(self, pngs: list[bytes], info: str) -> bytes:
@@ -196,6 +206,7 @@ class _Job:
         if self.mode == "img2img" and not parameters["include_init_images"]:
             parameters["init_images"] = parameters["mask"] = None
         images = [b64_png(png) for png in pngs] if self.req["send_images"] else []
+        images = lie_in_images(self.fault, images)
         return dump_json({"images": images, "parameters": parameters, "info": info})
 
 
@@ -236,7 +247,7 @@ def _preview(gen: Generation, k: int, size: tuple[int, int]) -> str:
     return b64_png(encode_png(picture, None))
 
 
-async def generate(node: FakeNode, request: web.Request, payload: Any) -> web.Response:
+async def generate(node: FakeNode, request: web.Request, payload: Any) -> web.StreamResponse:
     """POST /sdapi/v1/txt2img|img2img: validate, run the job (shielded), answer its body."""
     mode = request.match_info["mode"]
     req = validate_request(TXT2IMG_FIELDS if mode == "txt2img" else IMG2IMG_FIELDS, payload)
@@ -248,7 +259,10 @@ async def generate(node: FakeNode, request: web.Request, payload: Any) -> web.Re
             mask = await asyncio.to_thread(decode_image, req["mask"])
     settings = node.settings
     check_scripts(settings.scripts_txt2img if mode == "txt2img" else settings.scripts_img2img, req)
-    job = node.spawn(_Job(node, request, mode, req, mask, node.take_fault()).run())
+    fault = node.take_fault()
+    if fault.mode in IN_THE_WAY:
+        return await answer_in_the_way(fault, request)
+    job = node.spawn(_Job(node, request, mode, req, mask, fault).run())
     # Shielded: like the webui, a job goes on when its client disconnects.
     body = await asyncio.shield(job)
     return web.Response(body=body or b"", content_type="application/json")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import random
 import time
@@ -21,7 +22,30 @@ from sdproxy.fakewebui.catalog import (
     parse_checkpoint,
 )
 
-FaultMode = Literal["none", "error500", "hang", "reset", "truncated", "exit", "slow"]
+FaultMode = Literal[
+    "none",
+    # it fails: a webui 500, no answer, a reset, half a body, the process dies, slowness
+    "error500",
+    "hang",
+    "reset",
+    "truncated",
+    "exit",
+    "slow",
+    # it renders, then lies (faults.py)
+    "wrong_seeds",
+    "duplicate_seeds",
+    "extra_image",
+    "bad_base64",
+    "not_image",
+    "deep_info",
+    # something in the way answers instead of the webui
+    "redirect",
+    "huge_body",
+    "huge_stream",
+    "html404",
+    "error429",
+    "error413",
+]
 
 
 @dataclass
@@ -32,6 +56,8 @@ class Fault:
     after_s: float = 0.0  # seconds into the generation before the fault strikes
     times: int | None = None  # how many generation requests it applies to (None = all)
     slow_factor: float = 10.0  # for "slow": generation takes this many times longer
+    redirect_url: str = "http://127.0.0.1:9"  # for "redirect": 307 to this base URL + the path
+    huge_mb: float = 2048.0  # for "huge_body" (announced) and "huge_stream" (chunked)
 
 
 @dataclass
@@ -144,6 +170,7 @@ class FakeNode:
         self.queue_lock = asyncio.Lock()  # the webui's queue_lock: one job at a time
         self.rng = random.Random()
         self.requests: Counter[str] = Counter()  # "POST /sdapi/v1/skip": calls received
+        self.last_headers: dict[str, dict[str, str]] = {}  # the same key: the last call's headers
         first = self.checkpoints()[0]
         self.options: dict[str, Any] = default_options(first, settings.version)
         self.loaded_title = first.title
@@ -171,7 +198,7 @@ class FakeNode:
             return Fault()
         if fault.times is not None:
             fault.times -= 1
-        return Fault(fault.mode, fault.after_s, None, fault.slow_factor)
+        return dataclasses.replace(fault, times=None)
 
     async def load_checkpoint(self, checkpoint: Checkpoint) -> None:
         """Simulated weight loading; the caller holds the queue lock."""

@@ -308,6 +308,7 @@ def _handler(endpoint: Endpoint, *, body: bool, auth: bool) -> Handler:
     async def handle(request: web.Request) -> web.StreamResponse:
         node = request.app[_NODE_KEY]
         node.requests[f"{request.method} {request.path}"] += 1
+        node.last_headers[f"{request.method} {request.path}"] = dict(request.headers)
         # FastAPI decodes the JSON body before dependencies run, so bad JSON beats a 401.
         payload = None
         if body:
@@ -338,8 +339,19 @@ async def _webui_middleware(request: web.Request, handler: Handler) -> web.Strea
     except Exception as exc:  # the webui answers any other exception the same way
         error = {"error": type(exc).__name__, "detail": "", "body": "", "errors": str(exc)}
         response = _json(error, status=500)
-    response.headers["X-Process-Time"] = str(round(time.perf_counter() - started, 4))
+    if not response.prepared:  # a streamed answer (a fault) has sent its headers already
+        response.headers["X-Process-Time"] = str(round(time.perf_counter() - started, 4))
+        _gzip(request, response)
     return response
+
+
+def _gzip(request: web.Request, response: web.StreamResponse) -> None:
+    """starlette's GZipMiddleware(minimum_size=1000), which the webui installs: gzip answers
+    of 1000 bytes or more for clients that accept it."""
+    accepts = "gzip" in request.headers.get("Accept-Encoding", "")
+    body = response.body if isinstance(response, web.Response) else None
+    if accepts and isinstance(body, bytes) and len(body) >= 1000:
+        response.enable_compression(web.ContentCoding.gzip)
 
 
 def create_fake_app(node: FakeNode) -> web.Application:

@@ -1,11 +1,14 @@
-"""NodeClient and node state: the only module that talks HTTP to webui nodes."""
+"""NodeClient: the only code that talks HTTP to webui nodes.
+
+It knows how to call a node and what its answers mean as errors; what a failure means for the
+node's health is the cluster's business (cluster/state.py).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import ssl
-import time
-from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
 
 import aiohttp
@@ -13,52 +16,29 @@ import orjson
 from yarl import URL
 
 from sdproxy.config import NodeSettings, SchedulerSettings
-from sdproxy.core.health import NodeHealth
+from sdproxy.core.answers import (
+    MAX_ANSWER_DEPTH,
+    AnswerBudget,
+    is_webui_error,
+    nested_deeper_than,
+    webui_answers_status,
+)
 from sdproxy.errors import (
+    NodeAnswerTooLarge,
     NodeAuthFailed,
     NodeBadResponse,
-    NodeError,
     NodeRaised,
     NodeRejected,
     NodeTimeout,
+    NodeUnexpectedStatus,
     NodeUnreachable,
 )
 
-# The webui's api_middleware answers any exception a job raises with these keys.
-_WEBUI_ERROR_KEYS = frozenset({"error", "detail", "body", "errors"})
 _DECODE_IN_THREAD_BYTES = 1 << 20
 _JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
-
-
-@dataclass
-class NodeStats:
-    """What sdproxy has seen of one node, for planning and /cluster/status."""
-
-    health: NodeHealth
-    images_rendered: int = 0
-    requests_sent: int = 0
-
-    @property
-    def healthy(self) -> bool:
-        """The node may be given work: up and not disabled."""
-        return self.health.usable
-
-    # Read-only views of the health state, for code that reads them off the stats.
-    @property
-    def consecutive_failures(self) -> int:
-        return self.health.consecutive_failures
-
-    @property
-    def last_error(self) -> str | None:
-        return self.health.last_error
-
-    @property
-    def last_error_at(self) -> float | None:
-        return self.health.last_error_at
-
-    @property
-    def last_ok_at(self) -> float | None:
-        return self.health.last_ok_at
+# What a node without the route answers (starlette's default): for the routes every webui
+# serving its API has, that means the node is not one.
+_NO_ROUTE = ({"detail": "Not Found"}, {"detail": "Method Not Allowed"})
 
 
 class NodeClient:
@@ -75,12 +55,13 @@ class NodeClient:
     ) -> None:
         self.settings = settings
         self.name = settings.name
-        self.health = NodeHealth(scheduler.cooldown_base_s, scheduler.cooldown_max_s)
-        self.stats = NodeStats(self.health)
         self._session = session
         self._base = URL(settings.base_url)
         self._connect_timeout_s = scheduler.connect_timeout_s
-        self._headers = dict(_JSON_HEADERS)
+        self._max_answer_bytes = scheduler.max_node_answer_bytes
+        self._bytes_per_pixel = scheduler.node_answer_bytes_per_pixel
+        # Given explicitly, so aiohttp adds no Accept-Encoding of its own.
+        self._headers = {**_JSON_HEADERS, "Accept-Encoding": scheduler.node_accept_encoding}
         if settings.username is not None and settings.password is not None:
             password = settings.password.get_secret_value()
             self._headers["Authorization"] = aiohttp.encode_basic_auth(settings.username, password)
@@ -90,15 +71,30 @@ class NodeClient:
         """The node's URL for ``path`` (relative, e.g. ``sdapi/v1/txt2img``)."""
         return self._base / path
 
-    async def generate(self, kind: str, body: dict[str, Any], timeout_s: float) -> Any:
-        """POST a txt2img/img2img body and return the decoded JSON answer."""
-        self.stats.requests_sent += 1
-        return await self.request("POST", f"sdapi/v1/{kind}", body, timeout_s=timeout_s)
+    async def generate(
+        self, kind: str, body: dict[str, Any], timeout_s: float, budget: AnswerBudget | None = None
+    ) -> Any:
+        """POST a txt2img/img2img body; the decoded JSON answer, read up to ``budget``.
+
+        Without a budget (a benchmark run) the answer may take max_node_answer_mb.
+        """
+        data = orjson.dumps(body)
+        limit = self._max_answer_bytes
+        if budget is not None:
+            limit = budget.limit_bytes(len(data), self._bytes_per_pixel, self._max_answer_bytes)
+        return await self._call(
+            "POST", f"sdapi/v1/{kind}", data, timeout_s, limit_bytes=limit, webui_route=True
+        )
 
     async def probe(self, timeout_s: float) -> None:
         """One cheap call that works on a busy node too; raises NodeError if it fails."""
-        await self.request(
-            "GET", "sdapi/v1/progress", params={"skip_current_image": "true"}, timeout_s=timeout_s
+        await self._call(
+            "GET",
+            "sdapi/v1/progress",
+            None,
+            timeout_s,
+            params={"skip_current_image": "true"},
+            webui_route=True,
         )
 
     async def request(
@@ -110,8 +106,29 @@ class NodeClient:
         timeout_s: float,
         params: dict[str, str] | None = None,
     ) -> Any:
-        """One call to the node; the decoded JSON answer, or a NodeError."""
+        """One call to the node; the decoded JSON answer (at most max_node_answer_mb), or a
+        NodeError."""
         data = orjson.dumps(body) if body is not None else None
+        return await self._call(method, path, data, timeout_s, params=params)
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        data: bytes | None,
+        timeout_s: float,
+        *,
+        params: dict[str, str] | None = None,
+        limit_bytes: int | None = None,
+        webui_route: bool = False,
+    ) -> Any:
+        """Send one request and classify what comes back.
+
+        Redirects are never followed (a 3xx is node trouble). At most ``limit_bytes`` of the
+        answer are read: more (announced or sent) is NodeAnswerTooLarge. ``webui_route``: a
+        route every webui serving its API has, so "Not Found" there means it is not one.
+        """
+        limit = self._max_answer_bytes if limit_bytes is None else limit_bytes
         timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=self._connect_timeout_s)
         try:
             async with self._session.request(
@@ -122,9 +139,11 @@ class NodeClient:
                 headers=self._headers,
                 timeout=timeout,
                 ssl=self._ssl,
+                allow_redirects=False,
             ) as resp:
-                raw = await resp.read()
+                raw = await self._read_capped(resp, limit)
                 status = resp.status
+                location = resp.headers.get("Location")
         except TimeoutError as exc:
             raise NodeTimeout(self.name, f"no answer within {timeout_s:g} s") from exc
         except aiohttp.ClientConnectorCertificateError as exc:
@@ -135,19 +154,33 @@ class NodeClient:
         except aiohttp.ClientError as exc:
             raise NodeUnreachable(self.name, f"connection failed: {type(exc).__name__}") from exc
         if len(raw) > _DECODE_IN_THREAD_BYTES:  # a batch of images: keep the event loop free
-            return await asyncio.to_thread(self._decode, status, raw)
-        return self._decode(status, raw)
+            return await asyncio.to_thread(self._decode, status, raw, location, webui_route)
+        return self._decode(status, raw, location, webui_route)
 
-    def _decode(self, status: int, raw: bytes) -> Any:
-        try:
-            payload = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            if 400 <= status < 500:
-                payload = raw.decode(errors="replace")
-            else:
+    async def _read_capped(self, resp: aiohttp.ClientResponse, limit: int) -> bytearray:
+        """The body, read as it comes, never more than ``limit`` bytes of it."""
+        if resp.content_length is not None and resp.content_length > limit:
+            resp.close()  # do not read (or keep the connection for) what was announced
+            raise NodeAnswerTooLarge(self.name, limit)
+        buffer = bytearray()
+        async for chunk in resp.content.iter_any():
+            buffer += chunk
+            if len(buffer) > limit:
+                resp.close()
+                raise NodeAnswerTooLarge(self.name, limit)
+        return buffer
+
+    def _decode(self, status: int, raw: bytearray, location: str | None, webui_route: bool) -> Any:
+        """The answer of a 200, or the NodeError its status and body mean (errors.py)."""
+        payload = self._json(raw)
+        if status == 200:
+            if payload is _NOT_JSON:
+                raise NodeBadResponse(self.name, "answered 200 with a body that is not JSON")
+            if payload is _TOO_DEEP:
                 raise NodeBadResponse(
-                    self.name, f"answered {status} with a body that is not JSON"
-                ) from exc
+                    self.name, f"answered JSON nested deeper than {MAX_ANSWER_DEPTH} levels"
+                )
+            return payload
         if status in (401, 403):
             # Not the client's fault: passing the 401 on would blame the client's credentials.
             raise NodeAuthFailed(
@@ -155,36 +188,20 @@ class NodeClient:
                 f"refused sdproxy's credentials ({status} {_error_text(payload)}): "
                 "check username and password for this node",
             )
-        if 400 <= status < 500:
+        no_route = status in (404, 405) and payload in _NO_ROUTE
+        if is_webui_error(status, payload) and not (webui_route and no_route):
+            if status == 500:
+                raise NodeRaised(self.name, payload)
             raise NodeRejected(self.name, status, payload)
-        if status == 500 and isinstance(payload, dict) and payload.keys() >= _WEBUI_ERROR_KEYS:
-            raise NodeRaised(self.name, payload)
-        if status >= 500 or status < 200 or status >= 300:
-            raise NodeBadResponse(
-                self.name,
-                f"answered {status}: {_error_text(payload)}",
-                answered=status,
-                answer=payload,
-            )
-        return payload
+        raise NodeUnexpectedStatus(self.name, status, _not_webui(status, payload, location))
 
-    @property
-    def usable(self) -> bool:
-        """Up and not disabled: the node may be given work."""
-        return self.health.usable
-
-    def record_success(self, images: int = 0) -> bool:
-        """A call succeeded; True if the node was down and is back."""
-        self.stats.images_rendered += images
-        return self.health.record_ok(time.time())
-
-    def record_failure(self, error: NodeError, *, probe: bool = False) -> bool:
-        """A call failed: the node is down at once. True if it was up."""
-        return self.health.record_failure(error.reason, time.time(), probe=probe)
-
-    def record_raised(self, error: NodeError) -> None:
-        """The node answered, but the job raised: noted, without taking the node out."""
-        self.health.note_error(error.reason, time.time())
+    @staticmethod
+    def _json(raw: bytearray) -> Any:
+        try:
+            payload = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return _NOT_JSON
+        return _TOO_DEEP if nested_deeper_than(payload, MAX_ANSWER_DEPTH) else payload
 
 
 def tls_context(settings: NodeSettings) -> ssl.SSLContext | bool:
@@ -199,6 +216,43 @@ def tls_context(settings: NodeSettings) -> ssl.SSLContext | bool:
     return context
 
 
+class _Unusable:
+    """A body that cannot be passed on: not JSON, or nested too deep."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+
+_NOT_JSON = _Unusable("a body that is not JSON")
+_TOO_DEEP = _Unusable(f"JSON nested deeper than {MAX_ANSWER_DEPTH} levels")
+
+
+def _not_webui(status: int, payload: Any, location: str | None) -> str:
+    """Why an answer that is not the webui's is node trouble, without echoing the node's text."""
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "unknown status"
+    if 300 <= status < 400:
+        return f"{phrase}: a redirect{_origin(location)}, not followed"
+    if not webui_answers_status(status):
+        return f"{phrase}: a status the webui does not answer (a server in the way?)"
+    if isinstance(payload, _Unusable):
+        return f"{phrase}, with {payload.what}"
+    if status in (404, 405) and payload in _NO_ROUTE:
+        return f"{phrase}: no such route (not a webui serving its API? start it with --api)"
+    return f"{phrase}, with a body that is not the webui's"
+
+
+def _origin(location: str | None) -> str:
+    """ " to scheme://host:port" of a redirect's target (no path or query: they may hold tokens)."""
+    try:
+        url = URL(location or "")
+        return f" to {url.origin()}" if url.absolute and url.host else ""
+    except ValueError:
+        return ""
+
+
 def _error_text(payload: Any) -> str:
     """The message of a webui error body, or a short description of an unexpected one."""
     if isinstance(payload, dict):
@@ -207,23 +261,3 @@ def _error_text(payload: Any) -> str:
             if isinstance(value, str) and value:
                 return value[:200]
     return "unexpected body"
-
-
-async def check_node(client: NodeClient, timeout_s: float) -> bool:
-    """Probe one node and record the outcome. True if it came back."""
-    try:
-        await client.probe(timeout_s)
-    except NodeRejected:
-        # It answered: reachable. A 401 here is the auth configuration's problem.
-        return client.record_success()
-    except NodeError as exc:
-        client.record_failure(exc, probe=True)
-        return False
-    return client.record_success()
-
-
-async def probe_all(clients: list[NodeClient], timeout_s: float) -> None:
-    """Probe every node concurrently and record the outcome on each."""
-    async with asyncio.TaskGroup() as group:
-        for client in clients:
-            group.create_task(check_node(client, timeout_s))

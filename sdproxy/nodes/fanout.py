@@ -9,6 +9,7 @@ from typing import Any
 from sdproxy.errors import (
     NodeBadResponse,
     NodeError,
+    NodeRaised,
     NodeRejected,
     NodesFailed,
     NodeTimeout,
@@ -19,18 +20,23 @@ from sdproxy.errors import (
 from sdproxy.nodes.client import NodeClient
 
 NodeCall = Callable[[NodeClient], Awaitable[Any]]
+# Told of every failed call; whoever keeps node health decides what it means (is_node_failure).
+FailureSink = Callable[[NodeError], None]
 
 
-def note_failure(client: NodeClient, error: NodeError) -> None:
-    """Mark a node down when the failure is the node's (not a refusal or a webui error body)."""
-    if isinstance(error, NodeUnreachable | NodeTimeout) or (
+def is_node_failure(error: NodeError) -> bool:
+    """Whether a failed call is the node's fault (not a refusal or a webui error body).
+
+    A status or body that is not the webui's own (a 3xx, 429, 413, an HTML page), an answer too
+    large, or one that is not JSON is the node's: errors.py says whose fault each is.
+    """
+    return isinstance(error, NodeUnreachable | NodeTimeout) or (
         isinstance(error, NodeBadResponse) and error.answered is None
-    ):
-        client.record_failure(error)
+    )
 
 
 async def call_each(
-    clients: Sequence[NodeClient], call: NodeCall
+    clients: Sequence[NodeClient], call: NodeCall, on_failure: FailureSink
 ) -> tuple[dict[str, Any], dict[str, NodeError]]:
     """``call`` on every client concurrently: (answers, errors) by node name, both kept."""
     answers: dict[str, Any] = {}
@@ -40,7 +46,7 @@ async def call_each(
         try:
             answers[client.name] = await call(client)
         except NodeError as exc:
-            note_failure(client, exc)
+            on_failure(exc)
             errors[client.name] = exc
 
     async with asyncio.TaskGroup() as group:
@@ -78,22 +84,25 @@ def _same_answer(a: NodeError, b: NodeError) -> bool:
     return type(a) is type(b) and _own_answer(a) == _own_answer(b) and a.status == b.status
 
 
-async def first_answer(clients: Sequence[NodeClient], call: NodeCall) -> Any:
-    """``call`` on each client in turn until one answers; a refusal (4xx) is the answer too."""
+async def first_answer(
+    clients: Sequence[NodeClient], call: NodeCall, on_failure: FailureSink
+) -> Any:
+    """``call`` on each client in turn until one answers.
+
+    The webui's own error answer (a webui-shaped 4xx, or a 500 with its exception body) is the
+    answer too: every node would say the same. Any other failure (node trouble: unreachable,
+    a 3xx, 429, an HTML 404, a body too large) goes to ``on_failure`` and the next node is
+    tried; when none is left, a 502 names each node and why.
+    """
     if not clients:
         raise NoNodeAvailable("no healthy node: every node is down or unreachable")
     errors: dict[str, NodeError] = {}
     for client in clients:
         try:
             return await call(client)
-        except NodeRejected:
+        except (NodeRejected, NodeRaised):
             raise
-        except NodeBadResponse as exc:
-            if exc.answered is not None:
-                raise  # a webui error body: every node would say the same
-            note_failure(client, exc)
-            errors[client.name] = exc
         except NodeError as exc:
-            note_failure(client, exc)
+            on_failure(exc)
             errors[client.name] = exc
     raise combined_error("the call", errors, answered=0)

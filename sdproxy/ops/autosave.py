@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sdproxy.core import images
+from sdproxy.logs import log_crash
 from sdproxy.ops.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,7 @@ class Autosaver:
         task = asyncio.create_task(asyncio.to_thread(self._save_all, todo, stamp))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(log_crash)  # anything but a write error is a bug: logged
 
     async def aclose(self) -> None:
         """Wait for the saves still running."""

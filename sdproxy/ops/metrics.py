@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-
-if TYPE_CHECKING:
-    from sdproxy.cluster.scheduler import Cluster
-    from sdproxy.nodes.client import NodeClient
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -17,17 +14,19 @@ _REQUEST_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 30
 _JOB_BUCKETS_S = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 900)
 
 
-def speed_estimate(cluster: Cluster, client: NodeClient) -> float:
-    """A node's estimated speed: images per second of 20 steps at 512x512, overhead aside.
+@dataclass(frozen=True)
+class NodeGauges:
+    """One node's gauges as the cluster sees them when metrics are scraped."""
 
-    Before anything is measured on any node this is the configured weight.
-    """
-    return 1.0 / cluster.estimate(cluster.lanes[client.name]).per_unit_s
+    name: str
+    healthy: bool
+    queued_images: int
+    speed: float  # images per second of 20 steps at 512x512, overhead aside
 
 
 class Metrics:
     """The app's Prometheus collectors; counters are recorded as things happen, node gauges
-    are read from the cluster when scraped."""
+    are set from the cluster's view when scraped."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -62,6 +61,14 @@ class Metrics:
             "sdproxy_failovers",
             "Jobs re-planned onto other nodes after a node failed them, by failed node.",
             ["node"],
+            registry=r,
+        )
+        self.node_failures = Counter(
+            "sdproxy_node_failures",
+            "Jobs and API calls that failed on the node's side and took it out (probes not"
+            " counted), by node and kind (unreachable, timeout, bad_response, unexpected_status,"
+            " too_large, wrong_answer, raised, auth_failed).",
+            ["node", "kind"],
             registry=r,
         )
         self.node_healthy = Gauge(
@@ -99,15 +106,16 @@ class Metrics:
     def observe_failover(self, node: str) -> None:
         self.failovers.labels(node).inc()
 
-    def render(self, cluster: Cluster | None) -> bytes:
-        """The text exposition, node gauges refreshed from ``cluster``."""
-        if cluster is not None:
-            for client in cluster.clients:
-                name = client.name
-                self.node_healthy.labels(name).set(1 if client.stats.healthy else 0)
-                self.queued_images.labels(name).set(cluster.lanes[name].queued_images)
-                self.node_speed.labels(name).set(speed_estimate(cluster, client))
-                # Nodes with nothing yet still show up, at zero, so dashboards see them.
-                self.images_rendered.labels(name)
-                self.failovers.labels(name)
+    def observe_node_failure(self, node: str, kind: str) -> None:
+        self.node_failures.labels(node, kind).inc()
+
+    def render(self, nodes: Iterable[NodeGauges]) -> bytes:
+        """The text exposition, with the node gauges set from ``nodes``."""
+        for node in nodes:
+            self.node_healthy.labels(node.name).set(1 if node.healthy else 0)
+            self.queued_images.labels(node.name).set(node.queued_images)
+            self.node_speed.labels(node.name).set(node.speed)
+            # Nodes with nothing yet still show up, at zero, so dashboards see them.
+            self.images_rendered.labels(node.name)
+            self.failovers.labels(node.name)
         return generate_latest(self.registry)

@@ -84,7 +84,8 @@ async def _cluster(app: web.Application) -> AsyncIterator[None]:
 async def _benchmarks(app: web.Application) -> AsyncIterator[None]:
     # Registered after the cluster, so it stops first: no benchmark outlives the lanes.
     settings = app[settings_key].benchmark
-    benchmarker = Benchmarker(app[cluster_key], settings)
+    timeout_s = app[settings_key].scheduler.share_timeout_floor_s
+    benchmarker = Benchmarker(app[cluster_key], settings, timeout_s)
     missing = await benchmarker.load()
     if settings.on_start and missing:
         log.info("benchmarking nodes with no stored result: %s", ", ".join(missing))
@@ -104,10 +105,14 @@ async def _autosave(app: web.Application) -> AsyncIterator[None]:
         return
     saver = Autosaver(directory, app[metrics_key])
     app[autosave_key] = saver
+    cluster = app[cluster_key]
+    # Requests whose client left are finished for autosave ([scheduler] on_disconnect).
+    cluster.unseen_results = lambda result: saver.submit(result.body, result.shares)
     log.info("autosave: every image returned to a client is also written to %s", directory)
     try:
         yield
     finally:
+        cluster.unseen_results = None
         await saver.aclose()
 
 

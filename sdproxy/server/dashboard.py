@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import time
 from functools import cache
 from importlib import resources
 from typing import Any
 
 from aiohttp import web
 
-from sdproxy.cluster.lanes import Run
 from sdproxy.cluster.scheduler import Cluster
+from sdproxy.cluster.work import Run
 
 
 @cache
@@ -37,7 +36,7 @@ _CSP = (
 
 def in_flight(cluster: Cluster, now: float | None = None) -> list[dict[str, Any]]:
     """The requests running now, oldest first, with each node's share of their images."""
-    now = time.time() if now is None else now
+    now = cluster.clock.wall() if now is None else now
     return [
         _describe(run, cluster, now) for run in sorted(cluster.runs, key=lambda r: r.started_at)
     ]
@@ -52,11 +51,12 @@ def _describe(run: Run, cluster: Cluster, now: float) -> dict[str, Any]:
     for part in run.parts:
         share(part.node)["done"] += part.count
     for name, lane in cluster.lanes.items():
-        if lane.current is not None and lane.current.run is run:
-            share(name)["rendering"] += lane.current.chunk.images
+        running = lane.running
+        if running is not None and running.run is run:
+            share(name)["rendering"] += running.images
         for job in lane.pending:
             if job.run is run:
-                share(name)["queued"] += job.chunk.images
+                share(name)["queued"] += job.images
     request = run.request
     return {
         "id": run.request_id,
@@ -65,5 +65,6 @@ def _describe(run: Run, cluster: Cluster, now: float) -> dict[str, Any]:
         "done": sum(part.count for part in run.parts),
         "age_s": round(max(0.0, now - run.started_at), 1),
         "failovers": run.redispatches,
+        "client_left": run.abandoned,
         "shares": [{"node": node, **counts} for node, counts in shares.items()],
     }

@@ -23,6 +23,7 @@ from sdproxy.server.bodies import read_json
 from sdproxy.server.keys import autosave_key, cluster_key, settings_key
 
 SHARES_HEADER = "X-Sdproxy-Shares"
+WARNING_HEADER = "X-Sdproxy-Warning"
 
 
 def format_shares(shares: list[tuple[str, int, int]]) -> str:
@@ -64,7 +65,9 @@ async def _generate(request: web.Request, kind: Kind) -> web.Response:
     )
     await check_images(generation, server)
     result = await request.app[cluster_key].generate(generation)
-    headers = {SHARES_HEADER: format_shares(result.shares)} if result.shares else None
+    headers = {SHARES_HEADER: format_shares(result.shares)} if result.shares else {}
+    if result.warnings:  # fixed texts of sdproxy's own, never client input
+        headers[WARNING_HEADER] = "; ".join(result.warnings)
     # Tens of MB of base64 for a large batch: encode it off the event loop.
     encoded = await asyncio.to_thread(orjson.dumps, result.body)
     response = web.Response(body=encoded, headers=headers, content_type="application/json")

@@ -27,11 +27,10 @@ from sdproxy.errors import (
     NoNodeAvailable,
     NotSupported,
     RequestValidationError,
-    UnknownCheckpoint,
     validation_error,
 )
 from sdproxy.nodes.client import NodeClient
-from sdproxy.nodes.fanout import call_each, combined_error, first_answer
+from sdproxy.nodes.fanout import NodeCall, call_each, combined_error, first_answer
 from sdproxy.server.bodies import json_response, read_body, read_json
 from sdproxy.server.keys import cluster_key, settings_key
 
@@ -93,13 +92,43 @@ FAN_OUT_POSTS = (
 # One node's work, to the least busy node.
 ONE_NODE_POSTS = ("extra-single-image", "extra-batch-images", "png-info", "interrogate")
 
+Seen = Callable[[Cluster, dict[str, Any]], Awaitable[None]]  # answers by node
+
+
+async def _record_models(cluster: Cluster, answers: dict[str, Any]) -> None:
+    for node, models in answers.items():  # routing keeps what a client's read found
+        cluster.router.record_entries(node, models)
+
+
+async def _reread_models(cluster: Cluster, answers: dict[str, Any]) -> None:
+    await cluster.router.refresh_all(list(answers))  # the nodes' lists changed
+
+
+# What the cluster learns from the answers to some calls.
+ANSWERS_SEEN: dict[str, Seen] = {
+    "sd-models": _record_models,
+    "refresh-checkpoints": _reread_models,
+}
+# For one-node reads: which nodes answer best (a node on the cluster's checkpoint tells its
+# options right), and what a node's answer must lose before a client sees it.
+PREFERRED: dict[str, Callable[[Cluster, NodeClient], bool]] = {
+    "options": lambda cluster, client: cluster.router.on_cluster_checkpoint(client.name),
+}
+SCRUBBED: dict[str, Callable[[Any], Any]] = {
+    "cmd-flags": lambda flags: redact_flags(flags) if isinstance(flags, dict) else flags,
+}
+
+
+def _as_is(answer: Any) -> Any:
+    return answer
+
 
 def _cluster(request: web.Request) -> Cluster:
     return request.app[cluster_key]
 
 
 def _healthy(request: web.Request) -> list[NodeClient]:
-    healthy = _cluster(request).healthy_clients()
+    healthy = _cluster(request).usable_clients()
     if not healthy:
         raise NoNodeAvailable("no healthy node: every node is down or unreachable")
     return healthy
@@ -122,6 +151,16 @@ def _write_timeout_s(request: web.Request) -> float:
     return request.app[settings_key].api.write_timeout_s
 
 
+async def _each(request: web.Request, clients: Sequence[NodeClient], call: NodeCall) -> Any:
+    """``call`` on every client at once (fanout.call_each), failures told to the cluster."""
+    return await call_each(clients, call, _cluster(request).note_failure)
+
+
+async def _first(request: web.Request, clients: Sequence[NodeClient], call: NodeCall) -> Any:
+    """``call`` on each client in turn until one answers (fanout.first_answer)."""
+    return await first_answer(clients, call, _cluster(request).note_failure)
+
+
 # --- reads ---------------------------------------------------------------------------------------
 
 
@@ -129,16 +168,13 @@ def merged_get(path: str, merge: Merge) -> Handler:
     async def handler(request: web.Request) -> web.Response:
         healthy = _healthy(request)
         timeout_s = _read_timeout_s(request)
-        answers, errors = await call_each(
-            healthy, lambda c: c.request("GET", f"sdapi/v1/{path}", timeout_s=timeout_s)
+        answers, errors = await _each(
+            request, healthy, lambda c: c.request("GET", f"sdapi/v1/{path}", timeout_s=timeout_s)
         )
         if not answers:
             raise combined_error(f"GET {path}", errors, answered=0)
-        if path == "sd-models":
-            catalog = _cluster(request).models
-            for client in healthy:
-                if client.name in answers:
-                    catalog.record_entries(client, answers[client.name])
+        if path in ANSWERS_SEEN:
+            await ANSWERS_SEEN[path](_cluster(request), answers)
         # Config order, so that "the first node's entry wins" is the same on every call.
         ordered = [answers[c.name] for c in healthy if c.name in answers]
         return json_response(merge(ordered))
@@ -150,18 +186,17 @@ def merged_get(path: str, merge: Merge) -> Handler:
 def one_node_get(path: str) -> Handler:
     async def handler(request: web.Request) -> web.Response:
         clients = _healthy(request)
-        if path == "options":  # a node on the cluster's checkpoint tells it right
-            catalog = _cluster(request).models
-            clients.sort(key=lambda c: not catalog.on_cluster_checkpoint(c))
+        if path in PREFERRED:
+            cluster, preferred = _cluster(request), PREFERRED[path]
+            clients.sort(key=lambda c: not preferred(cluster, c))
         params = dict(request.query)
         timeout_s = _read_timeout_s(request)
-        answer = await first_answer(
+        answer = await _first(
+            request,
             clients,
             lambda c: c.request("GET", f"sdapi/v1/{path}", params=params, timeout_s=timeout_s),
         )
-        if path == "cmd-flags" and isinstance(answer, dict):
-            answer = redact_flags(answer)
-        return json_response(answer)
+        return json_response(SCRUBBED.get(path, _as_is)(answer))
 
     handler.__doc__ = f"GET /sdapi/v1/{path}, from one healthy node."
     return handler
@@ -174,12 +209,12 @@ def fan_out_post(path: str) -> Handler:
     async def handler(request: web.Request) -> web.Response:
         healthy = _healthy(request)
         timeout_s = _write_timeout_s(request)
-        answers, errors = await call_each(
-            healthy, lambda c: c.request("POST", f"sdapi/v1/{path}", timeout_s=timeout_s)
+        answers, errors = await _each(
+            request, healthy, lambda c: c.request("POST", f"sdapi/v1/{path}", timeout_s=timeout_s)
         )
         succeeded = [c for c in healthy if c.name in answers]
-        if path == "refresh-checkpoints":
-            await _cluster(request).models.refresh_all(succeeded)
+        if path in ANSWERS_SEEN:
+            await ANSWERS_SEEN[path](_cluster(request), answers)
         # unload-checkpoint leaves the node's sd_model_checkpoint option, which is what routing
         # goes by: its next generation loads that checkpoint again.
         if errors:
@@ -197,47 +232,16 @@ async def set_options(request: web.Request) -> web.Response:
         raise RequestValidationError(
             [validation_error(["body"], "value is not a valid dict", "type_error.dict")]
         )
-    healthy = _healthy(request)
-    catalog = _cluster(request).models
-    name = body.get("sd_model_checkpoint")
-    having: list[NodeClient] = []
-    bodies = {client.name: body for client in healthy}
-    if name is not None:
-        if isinstance(name, str):
-            await catalog.refresh_all([c for c in healthy if catalog.nodes[c.name].entries is None])
-            having = [c for c in healthy if catalog.entry(c, name, closest=False)]
-            if not having:  # a checkpoint added since the lists were read
-                await catalog.refresh_all(healthy)
-                having = [c for c in healthy if catalog.entry(c, name, closest=False)]
-        if not having:
-            raise UnknownCheckpoint(f"model {name!r} not found")
-        # Nodes without the checkpoint get the other options; routing keeps its work off them.
-        rest = {key: value for key, value in body.items() if key != "sd_model_checkpoint"}
-        bodies = {c.name: body if c in having else rest for c in healthy}
-    targets = [c for c in healthy if bodies[c.name]]
-    timeout_s = _write_timeout_s(request)
-    answers, errors = await call_each(
-        targets,
-        lambda c: c.request("POST", "sdapi/v1/options", bodies[c.name], timeout_s=timeout_s),
-    )
-    if isinstance(name, str) and any(c.name in answers for c in having):
-        for client in having:
-            if client.name in answers:
-                catalog.record_loaded(client, name)
-        catalog.checkpoint = name
-    if errors:
-        raise combined_error("POST options", errors, answered=len(answers))
+    usable = [client.name for client in _healthy(request)]
+    await _cluster(request).router.apply_options(body, usable)
     return json_response(None)
 
 
 # --- the running requests ------------------------------------------------------------------------
 
 
-async def _tell(request: web.Request, clients: list[NodeClient], path: str) -> None:
-    timeout_s = _read_timeout_s(request)
-    answers, errors = await call_each(
-        clients, lambda c: c.request("POST", f"sdapi/v1/{path}", timeout_s=timeout_s)
-    )
+async def _tell(request: web.Request, nodes: list[str], path: str) -> None:
+    answers, errors = await _cluster(request).tell(nodes, path)
     if errors:
         raise combined_error(f"POST {path}", errors, answered=len(answers))
 
@@ -250,8 +254,8 @@ async def interrupt(request: web.Request) -> web.Response:
 
 async def skip(request: web.Request) -> web.Response:
     """POST /sdapi/v1/skip: the nodes working for running requests skip their current batch."""
-    clients = [lane.client for lane, _ in _cluster(request).running_jobs()]
-    await _tell(request, clients, "skip")
+    nodes = [node for node, _ in _cluster(request).running_jobs()]
+    await _tell(request, nodes, "skip")
     return json_response(None)
 
 
@@ -275,14 +279,13 @@ async def progress(request: web.Request) -> web.Response:
     runs = {job.run for _, job in running}
     params = {"skip_current_image": "true" if skip_image else "false"}
     timeout_s = _read_timeout_s(request)
+    cluster = _cluster(request)
     answers, _ = await call_each(
-        [lane.client for lane, _ in running],
+        [cluster.clients[node] for node, _ in running],
         lambda c: c.request("GET", "sdapi/v1/progress", params=params, timeout_s=timeout_s),
+        cluster.note_failure,
     )
-    nodes = [
-        NodeProgress(job.chunk.images, _dict_or_none(answers.get(lane.client.name)))
-        for lane, job in running
-    ]
+    nodes = [NodeProgress(job.images, _dict_or_none(answers.get(node))) for node, job in running]
     total = sum(run.request.total_images for run in runs)
     # Images still to come (rendering or queued) are the run's remaining ones.
     done = sum(run.request.total_images - max(run.remaining, 0) for run in runs)
@@ -312,7 +315,8 @@ def one_node_post(path: str) -> Handler:
         body = await read_json(request)
         refuse_urls(request, body)
         timeout_s = request.app[settings_key].scheduler.share_timeout_floor_s
-        answer = await first_answer(
+        answer = await _first(
+            request,
             _least_busy(request),
             lambda c: c.request("POST", f"sdapi/v1/{path}", body, timeout_s=timeout_s),
         )
@@ -330,7 +334,8 @@ async def extension(request: web.Request) -> web.Response:
     path = request.path.lstrip("/")
     params = dict(request.query)
     timeout_s = request.app[settings_key].scheduler.share_timeout_floor_s
-    answer = await first_answer(
+    answer = await _first(
+        request,
         _least_busy(request),
         lambda c: c.request(request.method, path, body, params=params, timeout_s=timeout_s),
     )

@@ -13,7 +13,7 @@ from sdproxy.cluster.benchmark import BenchmarkResult, fit_runs, load_state, sav
 from sdproxy.config import Settings, load_settings
 from sdproxy.core.speed import image_work
 from sdproxy.fakewebui import FakeNodeSettings
-from tests.support import cluster_status, fake_nodes, proxy, wait_for_status
+from tests.support import cluster_status, fake_nodes, free_port, proxy, wait_for_status
 
 QUICK = {"steps": 20, "width": 64, "height": 64, "warmup_runs": 1, "timed_runs": 1}
 
@@ -108,8 +108,6 @@ class TestBenchmarkCommand:
 
     async def test_benchmark_command_reports_failed_node(self, tmp_path: Path) -> None:
         """An unreachable node is a failed row and exit status 1; nothing is stored for it."""
-        from sdproxy.cli import free_port
-
         state = tmp_path / "state.json"
         settings = Settings.model_validate(
             {

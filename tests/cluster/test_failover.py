@@ -9,10 +9,6 @@ from typing import Any
 import aiohttp
 import pytest
 
-from sdproxy.cli import free_port
-from sdproxy.cluster.scheduler import Cluster
-from sdproxy.config import Settings
-from sdproxy.core.request import parse_generation
 from sdproxy.fakewebui import FakeNode, FakeNodeSettings, Fault, FaultMode, create_fake_app
 from sdproxy.server.site import start_site
 from tests.support import (
@@ -23,22 +19,13 @@ from tests.support import (
     cluster_status,
     fake_nodes,
     fast,
+    free_port,
     node_state,
     post_json,
     proxy,
     reference_answer,
     wait_until,
 )
-
-FAST: dict[str, Any] = {
-    "health_interval_s": 0.2,
-    "health_timeout_s": 5,
-    "connect_timeout_s": 2,
-    "cooldown_base_s": 0.1,
-    "cooldown_max_s": 0.5,
-    "share_timeout_floor_s": 20,
-    "wait_for_node_s": 10,
-}
 
 
 async def generate_and_compare(
@@ -305,26 +292,3 @@ class TestEveryNodeDown:
             assert body["error"] == "NoNodeAvailable"
             assert int(headers["Retry-After"]) >= 1
             assert (await cluster_status(session, url))["waiting_images"] == 0
-
-
-class TestDeadlines:
-    """The per-share deadline follows the speed model's prediction, with a floor."""
-
-    @pytest.mark.parametrize(
-        ("predicted", "expected"), [(None, 60.0), (5.0, 60.0), (30.0, 90.0), (100.0, 300.0)]
-    )
-    async def test_share_deadline_is_factor_times_prediction_above_floor(
-        self, predicted: float | None, expected: float
-    ) -> None:
-        """max(floor, factor x predicted); the floor alone when nothing is predicted."""
-        settings = Settings.model_validate(
-            {
-                "scheduler": {"share_timeout_factor": 3, "share_timeout_floor_s": 60},
-                "nodes": [{"name": "a", "url": "http://127.0.0.1:1"}],
-            }
-        )
-        request = parse_generation("txt2img", {"batch_size": 2}, max_images=10)
-        async with aiohttp.ClientSession() as session:
-            cluster = Cluster(settings, session)
-            cluster.predict_job_s = lambda node, request, images: predicted  # type: ignore[method-assign]  # the seam issue 3 fills in
-            assert cluster.share_deadline_s("a", request, 2) == expected

@@ -9,13 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 
 from sdproxy.cluster.benchmark import BenchmarkResult, save_state
-from sdproxy.cluster.scheduler import Cluster
-from sdproxy.config import Settings
-from sdproxy.core.request import parse_generation
-from sdproxy.core.speed import SpeedEstimate
 from sdproxy.fakewebui import FakeNodeSettings, Fault
 from tests.support import (
     SMALL,
@@ -86,22 +81,23 @@ class TestPlanningFromSpeed:
 class TestPlanningUnderLoad:
     """On a busy cluster a request spends fewer node requests (overheads) on itself."""
 
-    async def test_busy_cluster_keeps_small_request_on_one_node(
-        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-    ) -> None:
+    async def test_busy_cluster_keeps_small_request_on_one_node(self, tmp_path: Path) -> None:
         """Idle, 2 images split over two equal nodes; while that runs, 2 more go to one node."""
         # Benchmarked at 0.3 s overhead and 0.1 s an image (64x64): idle, a split ends at 0.4 s
         # against 0.5 s on one node; busy, the second overhead costs more than the 0.1 s saved.
         # Work stealing is off: the node that finishes first would take half of the second
         # request over (right, as it is idle then), hiding what the planner chose.
-        monkeypatch.setattr(Cluster, "rebalance", lambda self: False)
         # In truth 0.5 s an image, so the first request is still running when the second comes.
         a, b = (FakeNodeSettings(name=name, per_image_s=32.0) for name in "ab")
         async with fake_nodes(a, b) as nodes:
             state = tmp_path / "state.json"
             save_state(state, {n.name: stored(n, 6.4, overhead_s=0.3) for n in nodes})
             async with (
-                proxy(nodes, benchmark={"on_start": False, "state_file": str(state)}) as url,
+                proxy(
+                    nodes,
+                    benchmark={"on_start": False, "state_file": str(state)},
+                    scheduler={"work_stealing": False},
+                ) as url,
                 aiohttp.ClientSession() as session,
             ):
                 endpoint = f"{url}/sdapi/v1/txt2img"
@@ -191,24 +187,3 @@ class TestQueueBound:
             first_status, first_answer, _ = await first
             assert first_status == 200, first_answer
             assert len(first_answer["images"]) == 4
-
-
-class TestPredictJob:
-    """predict_job_s: the speed model's time for a share, or None before any measurement."""
-
-    async def test_predict_job_s_follows_the_model(self) -> None:
-        """None unmeasured; then overhead per node request plus per-image work."""
-        settings = Settings.model_validate(
-            {"nodes": [{"name": "a", "url": "http://127.0.0.1:1", "max_batch_size": 2}]}
-        )
-        request = parse_generation("txt2img", {"batch_size": 3, **SMALL}, max_images=10)
-        async with aiohttp.ClientSession() as session:
-            cluster = Cluster(settings, session)
-            assert cluster.predict_job_s("a", request, 3) is None
-            assert cluster.predict_job_s("nope", request, 3) is None
-            cluster.lanes["a"].model.set_benchmark(
-                SpeedEstimate(0.5, 6.4, 4, "benchmark"), (1 / 64, 4 / 64)
-            )
-            # 3 images in batches of at most 2: two node requests, 0.1 s per 64x64 image.
-            assert cluster.predict_job_s("a", request, 3) == pytest.approx(2 * 0.5 + 3 * 0.1)
-            assert cluster.predict_job_s("a", request, 2) == pytest.approx(0.5 + 2 * 0.1)

@@ -1,19 +1,12 @@
-"""The node health state machine and its cooldown; how NodeClient classifies server errors."""
+"""The node health state machine and its cooldown."""
 
 from __future__ import annotations
 
-import aiohttp
 import pytest
-from aioresponses import aioresponses
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sdproxy.config import NodeSettings, SchedulerSettings
 from sdproxy.core.health import NodeHealth, cooldown_s
-from sdproxy.errors import NodeBadResponse, NodeRaised
-from sdproxy.nodes.client import NodeClient
-
-NODE = NodeSettings.model_validate({"name": "n", "url": "http://node.test"})
 
 
 class TestCooldown:
@@ -96,40 +89,3 @@ class TestNodeHealth:
         """Nothing is known of a node before its first probe: it gets no work."""
         health = NodeHealth()
         assert (health.state, health.usable, health.reason) == ("down", False, "not probed yet")
-
-
-class TestNodeErrors:
-    """How a node's 5xx is classified: the webui's own error body means the job raised."""
-
-    @pytest.mark.parametrize(
-        ("status", "body", "webui_error"),
-        [
-            (
-                500,
-                b'{"error":"KeyError","detail":"","body":"","errors":"\'nope\'"}',
-                {"error": "KeyError", "detail": "", "body": "", "errors": "'nope'"},
-            ),
-            (500, b'{"detail":"Internal Server Error"}', None),
-            (502, b"<html>Bad Gateway</html>", None),
-            (503, b'{"error":"x"}', None),
-        ],
-    )
-    async def test_server_error_keeps_only_webui_error_bodies(
-        self, status: int, body: bytes, webui_error: dict[str, str] | None
-    ) -> None:
-        """Only a 500 with the webui's four keys is NodeRaised (the node is up, the job raised)."""
-        with aioresponses() as mocked:
-            mocked.post("http://node.test/sdapi/v1/txt2img", status=status, body=body)
-            async with aiohttp.ClientSession() as session:
-                client = NodeClient(session, NODE, SchedulerSettings())
-                with pytest.raises(NodeBadResponse) as caught:
-                    await client.generate("txt2img", {}, timeout_s=5)
-        raised = isinstance(caught.value, NodeRaised)
-        assert raised == (webui_error is not None)
-        if raised:
-            assert caught.value.answer == webui_error
-            assert caught.value.status == 422
-        else:
-            assert str(status) in caught.value.reason
-        # The status is kept with a JSON body only: a non-JSON 5xx is the node's fault, plainly.
-        assert caught.value.answered == (status if body.startswith(b"{") else None)

@@ -6,7 +6,6 @@ import asyncio
 import base64
 import io
 import json
-import socket
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -36,7 +35,7 @@ from sdproxy.fakewebui.model import (
     RequestValidationError,
     validate_request,
 )
-from tests.support import SMALL
+from tests.support import SMALL, free_port, wait_until, wait_until_serving
 
 Client = TestClient[web.Request, web.Application]
 TITLE = "v1-5-pruned-emaonly.safetensors [6ce0161689]"
@@ -99,34 +98,17 @@ async def wait_for_progress(
     client: Client, until: Callable[[dict[str, Any]], bool]
 ) -> dict[str, Any]:
     """Poll /progress until ``until`` holds (the node's state changes on its own clock)."""
-    for _ in range(1000):
+    seen: dict[str, Any] = {}
+
+    async def reached() -> bool:
         status, progress = await call(client, "progress", method="GET")
         assert status == 200
-        if until(progress):
-            result: dict[str, Any] = progress
-            return result
-        await asyncio.sleep(0.005)
-    raise AssertionError("the node never reached the awaited state")
+        seen.clear()
+        seen.update(progress)
+        return until(seen)
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-async def wait_until_up(session: aiohttp.ClientSession, url: str) -> None:
-    """Poll /internal/ping until the node answers."""
-    for _ in range(400):
-        try:
-            async with session.get(f"{url}/internal/ping") as resp:
-                if resp.status == 200:
-                    return
-        except aiohttp.ClientConnectionError:
-            pass
-        await asyncio.sleep(0.025)
-    raise AssertionError(f"{url} never came up")
+    await wait_until(reached, what="the node to reach the awaited state")
+    return seen
 
 
 class TestRequestModel:
@@ -683,7 +665,7 @@ class TestFaults:
         url = f"http://127.0.0.1:{port}"
         try:
             async with aiohttp.ClientSession() as session:
-                await wait_until_up(session, url)
+                await wait_until_serving(url)
                 with pytest.raises(aiohttp.ClientConnectionError):
                     await session.post(f"{url}/sdapi/v1/txt2img", json=SMALL)
             assert await asyncio.wait_for(process.wait(), 10) == 3
@@ -864,8 +846,7 @@ class TestServe:
         """The node answers while running and its task ends cancelled."""
         port = free_port()
         task = asyncio.create_task(serve_fake_node(FakeNodeSettings(), "127.0.0.1", port))
-        async with aiohttp.ClientSession() as session:
-            await wait_until_up(session, f"http://127.0.0.1:{port}")
+        await wait_until_serving(f"http://127.0.0.1:{port}")
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from sdproxy.cli import free_port
 from sdproxy.ops.healthcheck import DEFAULT_PORT, configured_port
+from tests.support import free_port
 
 
 async def run_healthcheck(port: int) -> int:

@@ -7,9 +7,8 @@ import asyncio
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from sdproxy.cli import free_port
 from sdproxy.fakewebui import FakeNodeSettings, Fault
-from tests.support import SMALL, fake_nodes, post_json, proxy, wait_until
+from tests.support import SMALL, fake_nodes, free_port, post_json, proxy, wait_until
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

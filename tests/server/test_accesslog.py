@@ -15,11 +15,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from sdproxy.cli import free_port
 from sdproxy.fakewebui import FakeNodeSettings
 from sdproxy.logs import JsonFormatter, RequestIdFilter, request_id_var
 from sdproxy.server.accesslog import request_id_for
-from tests.support import SMALL, fake_nodes, proxy
+from tests.support import SMALL, fake_nodes, free_port, proxy
 
 
 def access_fields(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:

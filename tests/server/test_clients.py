@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import webuiapi
@@ -12,7 +10,7 @@ from PIL import Image
 
 from sdproxy.core.inventory import REDACTED
 from sdproxy.fakewebui import FakeNodeSettings
-from tests.support import fake_nodes, proxy
+from tests.support import fake_nodes, proxy, wait_until
 
 
 def client_for(url: str) -> webuiapi.WebUIApi:
@@ -71,14 +69,6 @@ class TestWebuiapi:
 M1 = "m1.safetensors [1111111111]"
 M2 = "m2.safetensors [2222222222]"
 SLOW = 256.0  # seconds an image at 512px: about 4 s for a 64px image, 0.2 s a step
-
-
-async def wait_for(condition: Callable[[], bool], timeout_s: float = 20.0) -> None:
-    """Poll ``condition`` until it holds."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 class TestWebuiapiCalls:
@@ -161,7 +151,10 @@ class TestWebuiapiCalls:
             pending = api.txt2img(
                 prompt="x", batch_size=1, n_iter=4, seed=7, width=64, height=64, use_async=True
             )
-            await wait_for(lambda: all(n.node.state.sampling_step >= 1 for n in nodes))
+            await wait_until(
+                lambda: all(n.node.state.sampling_step >= 1 for n in nodes),
+                what="the nodes to render",
+            )
             progress = await asyncio.to_thread(api.get_progress)
             assert progress["progress"] > 0
             assert progress["state"]["job_count"] > 0

@@ -12,9 +12,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from sdproxy.cli import free_port
 from sdproxy.fakewebui import FakeNodeSettings
-from tests.support import fake_nodes, post_json, proxy, wait_until
+from tests.support import fake_nodes, free_port, post_json, proxy, wait_until
 
 BIG = {"width": 512, "height": 512, "steps": 20}
 

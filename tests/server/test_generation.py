@@ -15,6 +15,7 @@ from tests.support import (
     SMALL,
     assert_same_as_one_node,
     fake_nodes,
+    free_port,
     info_of,
     post_json,
     proxy,
@@ -169,7 +170,8 @@ class TestRequestShapes:
             assert status == 200, proxied
             assert sorted(n.node.generations for n in nodes) == [0, 1]
             assert len(proxied["images"]) == 4
-            assert "X-Sdproxy-Shares" not in headers
+            rendered_by = next(n.name for n in nodes if n.node.generations)
+            assert headers["X-Sdproxy-Shares"] == f"{rendered_by}:0-3"
 
 
 class TestErrors:
@@ -215,8 +217,6 @@ class TestErrors:
 
     async def test_no_reachable_node_is_503(self) -> None:
         """With every node unreachable the client gets 503 and a webui-shaped body."""
-        from sdproxy.cli import free_port
-
         dead = {"name": "dead", "url": f"http://127.0.0.1:{free_port()}"}
         async with (
             proxy([dead], scheduler={"wait_for_node_s": 0}) as url,

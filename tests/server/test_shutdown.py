@@ -10,7 +10,6 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from sdproxy.cli import free_port
 from sdproxy.fakewebui import FakeNodeSettings
 from tests.support import (
     SMALL,
@@ -18,6 +17,7 @@ from tests.support import (
     cluster_status,
     fake_nodes,
     fast,
+    free_port,
     post_json,
     proxy,
     wait_until,

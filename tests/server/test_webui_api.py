@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
-from collections.abc import Callable
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -17,7 +15,17 @@ from sdproxy.core.inventory import REDACTED
 from sdproxy.core.progress import idle_progress
 from sdproxy.fakewebui import FakeNode, FakeNodeSettings, Fault, create_fake_app
 from sdproxy.server.site import start_site
-from tests.support import SMALL, RunningNode, fake_nodes, post_json, proxy
+from tests.support import (
+    SMALL,
+    RunningNode,
+    assert_same_as_one_node,
+    fake_nodes,
+    free_port,
+    post_json,
+    proxy,
+    reference_answer,
+    wait_until,
+)
 
 M1 = "m1.safetensors [1111111111]"
 M2 = "m2.safetensors [2222222222]"
@@ -30,23 +38,8 @@ async def get_json(session: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
         return resp.status, await resp.json(content_type=None)
 
 
-async def wait_for(condition: Callable[[], bool], timeout_s: float = 20.0) -> None:
-    """Poll ``condition`` until it holds (state, not time, is what the test waits on)."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
-
-
 def rendering(node: RunningNode) -> bool:
     return node.node.state.job_count > 0 and node.node.state.sampling_step >= 1
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def calls(node: RunningNode, route: str) -> int:
@@ -212,7 +205,7 @@ class TestCheckpointRouting:
     """Generations go only to nodes with their checkpoint."""
 
     async def test_override_goes_to_nodes_that_have_it(self) -> None:
-        """A named checkpoint only one node has is rendered there; an unknown one is an error."""
+        """A named checkpoint only one node has is rendered there, and only there."""
         async with (
             fake_nodes(
                 FakeNodeSettings(name="a", models=(M1,)),
@@ -225,8 +218,34 @@ class TestCheckpointRouting:
             status, answer, headers = await post_json(session, f"{url}/sdapi/v1/txt2img", body)
             assert status == 200, answer
             assert headers["X-Sdproxy-Shares"] == "b:0-3"
+            assert "X-Sdproxy-Warning" not in headers
             assert all("Model: m2" in text for text in json.loads(answer["info"])["infotexts"])
-            body["override_settings"] = {"sd_model_checkpoint": "m3"}
+        assert nodes[0].node.images_rendered == 0
+
+    async def test_unknown_override_renders_on_the_loaded_checkpoint(self) -> None:
+        """As a webui does: a checkpoint no node has renders on the loaded one, with a warning."""
+        async with (
+            fake_nodes(FakeNodeSettings(name="a"), FakeNodeSettings(name="b")) as nodes,
+            proxy(nodes) as url,
+            aiohttp.ClientSession() as session,
+        ):
+            body = dict(
+                SMALL, batch_size=4, seed=5, override_settings={"sd_model_checkpoint": "M3"}
+            )
+            status, answer, headers = await post_json(session, f"{url}/sdapi/v1/txt2img", body)
+            assert status == 200, answer
+            assert "checkpoint not found" in headers["X-Sdproxy-Warning"]
+            direct = await reference_answer(session, nodes[0], "txt2img", body, answer)
+            assert_same_as_one_node(answer, direct, body)
+
+    async def test_unknown_override_is_404_with_strict_checkpoints(self) -> None:
+        """[api] strict_checkpoints = true: a checkpoint no node has is a 404 naming it."""
+        async with (
+            fake_nodes(FakeNodeSettings(name="a")) as nodes,
+            proxy(nodes, api={"strict_checkpoints": True}) as url,
+            aiohttp.ClientSession() as session,
+        ):
+            body = dict(SMALL, override_settings={"sd_model_checkpoint": "m3"})
             status, answer, _ = await post_json(session, f"{url}/sdapi/v1/txt2img", body)
             assert status == 404
             assert "'m3'" in answer["detail"]
@@ -342,7 +361,9 @@ class TestRunningRequests:
         ):
             body = dict(SMALL, batch_size=1, n_iter=6, seed=100)
             task = asyncio.create_task(post_json(session, f"{url}/sdapi/v1/txt2img", body))
-            await wait_for(lambda: all(rendering(node) for node in nodes[:2]))
+            await wait_until(
+                lambda: all(rendering(node) for node in nodes[:2]), what="the nodes to render"
+            )
             _, busy = await get_json(session, f"{url}/sdapi/v1/progress")
             assert 0 < busy["progress"] < 1
             assert busy["state"]["job_count"] == 6  # each node: one job of 1 image x 3 iterations
@@ -374,7 +395,9 @@ class TestRunningRequests:
         ):
             body = dict(SMALL, script_name="x/y/z plot")  # unsplit: goes whole to one node
             task = asyncio.create_task(post_json(session, f"{url}/sdapi/v1/txt2img", body))
-            await wait_for(lambda: rendering(nodes[0]) or rendering(nodes[1]))
+            await wait_until(
+                lambda: rendering(nodes[0]) or rendering(nodes[1]), what="the nodes to render"
+            )
             status, answer, _ = await post_json(session, f"{url}/sdapi/v1/skip", None)
             assert (status, answer) == (200, None)
             status, _, _ = await task
@@ -402,7 +425,9 @@ class TestOneNodeWork:
             image = generated["images"][0]
             body = dict(SMALL, batch_size=1, n_iter=2, script_name="x/y/z plot")
             task = asyncio.create_task(post_json(session, f"{url}/sdapi/v1/txt2img", body))
-            await wait_for(lambda: rendering(nodes[0]) or rendering(nodes[1]))
+            await wait_until(
+                lambda: rendering(nodes[0]) or rendering(nodes[1]), what="the nodes to render"
+            )
             busy, idle = (nodes[0], nodes[1]) if rendering(nodes[0]) else (nodes[1], nodes[0])
             request = {"image": image, "model": "clip"}
             status, caption, _ = await post_json(session, f"{url}/sdapi/v1/interrogate", request)

@@ -9,7 +9,7 @@ import pytest
 from redis.asyncio import Redis
 
 from sdproxy.config import ClusterSettings, SchedulerSettings
-from sdproxy.shared import open_store
+from sdproxy.shared.connect import open_store
 from sdproxy.shared.store import SharedStore
 from tests.support import RedisServer
 

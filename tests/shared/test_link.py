@@ -12,7 +12,7 @@ import pytest
 from redis.asyncio import Redis
 
 from sdproxy.config import ClusterSettings, SchedulerSettings
-from sdproxy.shared import open_store
+from sdproxy.shared.connect import open_store
 from sdproxy.shared.link import SharedUnavailable, redacted_url
 from tests.shared.conftest import OpenStore
 from tests.support import RedisServer, find_redis_server, wait_until
@@ -205,7 +205,7 @@ class TestImports:
     def test_imports_no_redis_without_url(self) -> None:
         """Loading the server and the CLI leaves redis-py unimported."""
         code = (
-            "import sys, sdproxy.cli, sdproxy.server.app, sdproxy.shared;"
+            "import sys, sdproxy.cli, sdproxy.server.app, sdproxy.shared.connect;"
             "print([m for m in sys.modules if m == 'redis' or m.startswith('redis.')])"
         )
         result = subprocess.run(
