@@ -26,6 +26,7 @@ from redis import exceptions as redis_errors
 from redis.asyncio.client import PubSub
 
 from sdproxy.shared.link import Link, SharedUnavailable
+from sdproxy.shared.tasks import cancelling
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,8 @@ class Broadcast:
             try:
                 await self._listen(pubsub)
             except (redis_errors.RedisError, OSError, TimeoutError) as exc:
+                if cancelling():
+                    raise asyncio.CancelledError from exc
                 self.link.mark_down(f"pub/sub: {type(exc).__name__}: {exc}")
             finally:
                 self.ready.clear()

@@ -34,6 +34,7 @@ from redis.asyncio import Redis
 
 from sdproxy.errors import SdproxyError
 from sdproxy.shared.keys import Keys
+from sdproxy.shared.tasks import cancelling
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +205,8 @@ class Link:
             async with asyncio.timeout(self.timeout_s):
                 return await op(self.client)
         except _DOWN_ERRORS as exc:
+            if cancelling():  # a timeout raised while we are being cancelled: stop, as asked
+                raise asyncio.CancelledError from exc
             self.mark_down(f"{what}: {_describe(exc)}")
             raise SharedUnavailable(f"shared state unavailable: {self.describe()}") from exc
         except redis_errors.RedisError as exc:
@@ -223,8 +226,9 @@ class Link:
             if not self._pool_reset:
                 # Pooled connections from before are dead (a restarted Redis closed them):
                 # drop them, or the first calls after the rejoin would fail on them.
-                with contextlib.suppress(redis_errors.RedisError, OSError):
-                    await self.client.connection_pool.disconnect()
+                with contextlib.suppress(redis_errors.RedisError, OSError, TimeoutError):
+                    async with asyncio.timeout(self.timeout_s):
+                        await self.client.connection_pool.disconnect()
                 self._pool_reset = True
             answered = await self._ping()
             self.tried.set()
@@ -255,7 +259,9 @@ class Link:
     async def aclose(self) -> None:
         self._up = False
         self._up_event.clear()
-        await self.client.aclose()
+        with contextlib.suppress(redis_errors.RedisError, OSError, TimeoutError):
+            async with asyncio.timeout(self.timeout_s):
+                await self.client.aclose()
 
 
 def _describe(exc: BaseException) -> str:

@@ -16,6 +16,13 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 _MAX_PAUSE_S = 30.0
+_CANCEL_ROUNDS = 20
+
+
+def cancelling() -> bool:
+    """The current task is being cancelled (an error caught now must not swallow that)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 class Supervisor:
@@ -44,6 +51,8 @@ class Supervisor:
             except asyncio.CancelledError:
                 raise
             except Exception:
+                if cancelling():
+                    raise asyncio.CancelledError from None
                 self.restarts += 1
                 log.exception("%s failed; restarting it in %g s", name, pause_s)
                 await asyncio.sleep(pause_s)
@@ -61,11 +70,21 @@ class Supervisor:
         return len(self._tasks)
 
     async def aclose(self) -> None:
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        # Every task was cancelled on purpose; each only needs to have stopped.
-        await asyncio.gather(*tasks, return_exceptions=True)
+        """Cancel every task and wait until each has stopped.
+
+        A cancellation can be lost inside a library (turned into a timeout, then handled as
+        one), so tasks still running are cancelled again, for at most ~10 s in all.
+        """
+        pending = set(self._tasks)
+        for _ in range(_CANCEL_ROUNDS):
+            if not pending:
+                break
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=0.5)
+        if pending:
+            names = ", ".join(sorted(task.get_name() for task in pending))
+            log.error("shared-state tasks did not stop when cancelled: %s", names)
         self._tasks.clear()
 
 

@@ -211,7 +211,7 @@ class TestExpiry:
         started = loop.time()
         got = await asyncio.wait_for(b.leases.acquire("gpu-a"), timeout=10)
         assert got is not None
-        assert loop.time() - started < 1.0 + 1.0  # the TTL, and a margin for a loaded machine
+        assert loop.time() - started < 1.0 + 3.0  # the TTL, and a margin for a loaded machine
         assert got.token > lease.token
 
     async def test_expiry_dead_waiter_ticket_expires(

@@ -72,10 +72,10 @@ class TestRegistry:
         b.link.mark_down("test: killed")
 
         async def gone() -> bool:
-            return [state.replica for state in await a.replicas.live()] == ["a"]
+            live = [state.replica for state in await a.replicas.live()]
+            return live == ["a"] and a.replicas.others() == []
 
-        await wait_until(gone, what="b's heartbeat to expire")
-        assert a.replicas.others() == []
+        await wait_until(gone, what="b's heartbeat to expire, and a to forget b")
 
     async def test_registry_duplicate_id_logged(
         self, open_stores: OpenStore, caplog: pytest.LogCaptureFixture
