@@ -12,7 +12,8 @@ For each run: cluster throughput (images/s) and its ratio to the sum of the node
 nodes could render flat out at this size and batch), p50/p95 request latency, Redis commands per
 request (``INFO commandstats`` deltas: every call counts, heartbeats included), and the most jobs
 any node held at once (``/fake/stats``; must be 1). Against the baseline: the throughput ratio
-(target >= 0.95) and the added p50 latency (target <= 5 ms per request).
+(target >= 0.95) and the added p50 latency (target <= 5 ms per request). First, what one node
+turn costs in Redis: an uncontended acquire and release, and a handover between two replicas.
 
 Replicas only share state once the scheduler uses sdproxy/shared (issue 13, phase 2). Until a
 replica's /cluster/status says so, runs with more than one replica are skipped (``--force``
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import sys
 import tempfile
 import time
@@ -42,7 +44,10 @@ from redis.asyncio import Redis
 # The harness shares its process helpers with the tests (one RedisServer, one ReplicaProcess).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sdproxy.cli import free_port
+from sdproxy.config import ClusterSettings, SchedulerSettings
 from sdproxy.core.speed import image_work
+from sdproxy.shared.connect import open_store
+from sdproxy.shared.store import SharedStore
 from tests.support import (
     NodeProcess,
     RedisServer,
@@ -50,6 +55,7 @@ from tests.support import (
     fake_stats,
     find_redis_server,
     replica_config,
+    wait_until,
 )
 
 
@@ -171,6 +177,54 @@ async def run_once(
     return result
 
 
+def _waited(store: SharedStore, count: int) -> bool:
+    return store.leases.waited >= count
+
+
+async def measure_leases(redis: RedisServer, rounds: int = 300) -> None:
+    """What a node turn costs: uncontended acquire and release, and a handover between two
+    replicas (release on one -> the waiter on the other holds the lease)."""
+    cluster = ClusterSettings.model_validate({"redis_url": redis.url, "redis_prefix": "bench"})
+    stores = []
+    for name in ("a", "b"):
+        store = open_store(cluster.model_copy(update={"replica_id": name}), SchedulerSettings())
+        await store.start(wait_s=5)
+        stores.append(store)
+    a, b = stores
+    acquire, release, handover = [], [], []
+    try:
+        for _ in range(rounds):
+            started = time.perf_counter()
+            lease = await a.leases.acquire("gpu-a")
+            acquire.append(time.perf_counter() - started)
+            assert lease is not None
+            started = time.perf_counter()
+            await a.leases.release(lease)
+            release.append(time.perf_counter() - started)
+        for _ in range(rounds // 3):
+            held = await a.leases.acquire("gpu-a")
+            assert held is not None
+            in_line = b.leases.waited + 1
+            waiting = asyncio.create_task(b.leases.acquire("gpu-a"))
+            await wait_until(functools.partial(_waited, b, in_line), what="b to wait in line")
+            started = time.perf_counter()
+            await a.leases.release(held)
+            got = await waiting
+            handover.append(time.perf_counter() - started)
+            assert got is not None
+            await b.leases.release(got)
+    finally:
+        for store in stores:
+            await store.aclose()
+
+    def ms(values: list[float], q: float) -> float:
+        return sorted(values)[round(q * (len(values) - 1))] * 1000
+
+    print("\nnode turns (loopback Redis, this machine):")
+    for name, values in (("acquire", acquire), ("release", release), ("handover", handover)):
+        print(f"  {name:9} p50 {ms(values, 0.5):6.2f} ms   p95 {ms(values, 0.95):6.2f} ms")
+
+
 def report(work: Workload, results: Sequence[Result]) -> None:
     capacity = work.node_rate() * work.nodes
     base = results[0]
@@ -218,6 +272,7 @@ async def main(argv: Sequence[str] | None = None) -> int:
         redis = RedisServer(binary, tmp / "redis")
         await redis.start()
         try:
+            await measure_leases(redis)
             for clients in client_counts:
                 per_client = 2 if args.quick else args.requests_per_client
                 work = Workload(args.nodes, args.per_image_s, args.overhead_s, args.size,
