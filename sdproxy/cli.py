@@ -23,7 +23,7 @@ from sdproxy.errors import ConfigError, NodeError
 from sdproxy.fakewebui import FakeNode, FakeNodeSettings, Fault, FaultMode, create_fake_app
 from sdproxy.logs import configure_logging
 from sdproxy.nodes.client import NodeClient
-from sdproxy.server.site import start_proxy, start_site
+from sdproxy.server.site import start_proxy, start_site, stop_proxy
 
 EXIT_OK = 0
 EXIT_CONFIG = 2  # bad configuration or arguments, like argparse's own usage errors
@@ -34,21 +34,62 @@ log = logging.getLogger("sdproxy")
 DEMO_NODES = (("fast", 0.15), ("medium", 0.3), ("slow", 0.6))  # (name, seconds per image)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sdproxy", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"sdproxy {__version__}")
-    parser.add_argument(
-        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+DESCRIPTION = """\
+One Stable Diffusion webui API in front of many webui nodes: sdproxy splits each txt2img and
+img2img batch across the healthy nodes, fails over, and answers as one webui would."""
+
+EPILOG = """\
+examples:
+  sdproxy demo                                  three simulated nodes, http://127.0.0.1:7860
+  sdproxy serve --config config.toml            the proxy, configured by a TOML file
+  SDPROXY_NODES='[{"name": "a", "url": "http://10.0.0.5:7861"}]' sdproxy serve
+  sdproxy benchmark --config config.toml        time every node, store the results
+
+Global options (--log-level, --log-format) go before or after the command. Exit status: 0 ok,
+1 could not start or run (port taken, benchmark failed), 2 bad configuration or arguments."""
+
+
+def _global_options(defaults: bool) -> argparse.ArgumentParser:
+    """--log-level and --log-format, accepted before the command and after it.
+
+    After it, only what is given counts (SUPPRESS), so it never undoes what came before.
+    """
+    options = argparse.ArgumentParser(add_help=False)
+    group = options.add_argument_group("global options")
+    group.add_argument(
+        "--log-level",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        default="INFO" if defaults else argparse.SUPPRESS,
+        help="log lines at this level and above (default: INFO)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--log-format",
         choices=["text", "json"],
-        default=None,
+        default=None if defaults else argparse.SUPPRESS,
         help="log lines as text or JSON objects (default: [server] log_format, else text)",
     )
-    commands = parser.add_subparsers(dest="command", required=True)
+    return options
 
-    serve = commands.add_parser("serve", help="run the proxy")
+
+def build_parser() -> argparse.ArgumentParser:
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="sdproxy",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=formatter,
+        parents=[_global_options(defaults=True)],
+    )
+    parser.add_argument("--version", action="version", version=f"sdproxy {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = [_global_options(defaults=False)]
+
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        return commands.add_parser(
+            name, help=text, description=text, parents=common, formatter_class=formatter
+        )
+
+    serve = command("serve", "run the proxy in front of the configured nodes")
     serve.add_argument(
         "--config",
         type=Path,
@@ -56,19 +97,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="TOML configuration file (without it: SDPROXY_* environment variables only)",
     )
 
-    bench = commands.add_parser("benchmark", help="time every node and store the results")
+    bench = command("benchmark", "time every node and store the results")
     bench.add_argument("--config", type=Path, required=True, help="TOML configuration file")
     bench.add_argument("--node", default=None, help="only this node (by name)")
 
-    fake = commands.add_parser("fake-node", help="run one simulated webui node")
-    fake.add_argument("--host", default="127.0.0.1")
-    fake.add_argument("--port", type=int, required=True)
-    fake.add_argument("--name", default="fake")
+    fake = command("fake-node", "run one simulated webui node (for tests and trials)")
+    fake.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    fake.add_argument("--port", type=int, required=True, help="port to listen on")
+    fake.add_argument("--name", default="fake", help="the node's name in its answers (fake)")
     fake.add_argument(
-        "--per-image-s", type=_non_negative, default=0.5, help="seconds an image, 20 steps, 512px"
+        "--per-image-s",
+        type=_non_negative,
+        default=0.5,
+        help="seconds per image at 20 steps, 512x512 (0.5)",
     )
     fake.add_argument(
-        "--overhead-s", type=_non_negative, default=0.1, help="fixed seconds per request"
+        "--overhead-s", type=_non_negative, default=0.1, help="fixed seconds per request (0.1)"
     )
     fake.add_argument(
         "--models", type=_model_list, default=None, help="comma-separated checkpoint titles"
@@ -93,7 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="--fail-mode huge_body/huge_stream: megabytes to send",
     )
     fake.add_argument(
-        "--fail-after-s", type=_non_negative, default=0.0, help="seconds into a generation"
+        "--fail-after-s",
+        type=_non_negative,
+        default=0.0,
+        help="seconds into a generation the failure strikes (0)",
     )
     fake.add_argument(
         "--fail-times",
@@ -102,9 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="fail only the first N generation requests (default: all)",
     )
 
-    demo = commands.add_parser("demo", help="run sdproxy in front of three simulated nodes")
-    demo.add_argument("--host", default="127.0.0.1")
-    demo.add_argument("--port", type=int, default=7860)
+    demo = command("demo", "run sdproxy in front of three simulated nodes")
+    demo.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    demo.add_argument("--port", type=int, default=7860, help="port to listen on (7860)")
     return parser
 
 
@@ -203,7 +250,7 @@ async def _serve(settings: Settings) -> None:
             "stopping: no new connections; waiting up to %g s for requests in flight",
             settings.server.shutdown_grace_s,
         )
-        await runner.cleanup()
+        await stop_proxy(runner, settings)
 
 
 async def run_benchmarks(settings: Settings, only: str | None) -> int:

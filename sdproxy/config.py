@@ -21,11 +21,14 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from sdproxy.environment import DUPLICATE_NAME, describe_validation_error, read_environment
 from sdproxy.errors import ConfigError
 
 _file_data: ContextVar[dict[str, Any] | None] = ContextVar("_file_data", default=None)
+_environment_data: ContextVar[dict[str, Any] | None] = ContextVar("_environment_data", default=None)
 
 
 class _Section(BaseModel):
@@ -47,7 +50,9 @@ class ServerSettings(_Section):
     max_width: Annotated[int, Field(ge=1)] = 4096
     max_height: Annotated[int, Field(ge=1)] = 4096
     max_steps: Annotated[int, Field(ge=1)] = 500
-    max_input_megapixels: Annotated[float, Field(gt=0)] = 50.0
+    max_input_megapixels: Annotated[float, Field(gt=0)] = 50.0  # each init image and mask
+    max_request_megapixels: Annotated[float, Field(gt=0)] = 100.0  # all of them together
+    image_decode_threads: Annotated[int, Field(ge=1)] = 2  # init images decoded at once
     allow_image_urls: bool = False
     # Connection-level limits of the HTTP server.
     max_line_size: Annotated[int, Field(ge=256)] = 8190
@@ -124,7 +129,8 @@ class BenchmarkSettings(_Section):
     batch_sizes: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] = (1, 4)
     warmup_runs: Annotated[int, Field(ge=0)] = 1
     timed_runs: Annotated[int, Field(ge=1)] = 3
-    state_file: Path | None = None  # None: sdproxy-state.json beside the configuration file
+    state_file: Path | None = None  # None: sdproxy-state.json in state_dir
+    state_dir: Path | None = None  # None: the configuration file's directory
     on_start: bool = True  # serve benchmarks, in the background, nodes with no stored result
 
     @field_validator("batch_sizes")
@@ -238,46 +244,29 @@ class NodeSettings(_Section):
 
 
 # --- [cluster]: several replicas sharing state in Redis (sdproxy/shared/) ---------------------
-
-_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
-
-
 class ClusterSettings(_Section):
-    """Several sdproxy replicas in front of the same nodes, sharing their state in Redis.
-
-    No ``redis_url``: one process, state in memory, nothing else needed at run time.
-    """
+    """Replicas sharing state in Redis; without redis_url, one process with state in memory."""
 
     redis_url: SecretStr | None = None  # redis://[user:password@]host:6379/0, rediss://, unix://
     redis_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")] = "sdproxy"
-    # Default: host name and process id, unique among the replicas of one cluster.
     replica_id: Annotated[str | None, Field(pattern=r"^[A-Za-z0-9_.:\-]{1,100}$")] = None
     lease_ttl_s: Annotated[float, Field(ge=1, le=60)] = 5.0
-    redis_timeout_s: Annotated[float, Field(gt=0, le=30)] = 1.0
+    redis_timeout_s: Annotated[float, Field(gt=0, le=30)] = 1.0  # at most lease_ttl_s / 3
     on_redis_down: Literal["local", "refuse"] = "local"
 
-    @field_validator("redis_url")
-    @classmethod
-    def _redis_scheme(cls, url: SecretStr | None) -> SecretStr | None:
-        # The message never repeats the URL: it may hold the Redis password.
-        if url is not None and not url.get_secret_value().startswith(_REDIS_SCHEMES):
-            raise ValueError("give a redis://, rediss:// or unix:// URL")
-        return url
-
     @model_validator(mode="after")
-    def _timeout_within_lease(self) -> ClusterSettings:
-        # A lease is renewed every third of its TTL; one call must fit into that.
-        if self.redis_timeout_s * 3 > self.lease_ttl_s:
+    def _consistent(self) -> ClusterSettings:
+        # Messages never repeat the URL: it may hold the Redis password.
+        url = self.redis_url.get_secret_value() if self.redis_url else "redis://"
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("redis_url: give a redis://, rediss:// or unix:// URL")
+        if self.redis_timeout_s * 3 > self.lease_ttl_s:  # a renewal must fit in a third
             raise ValueError("redis_timeout_s must be at most a third of lease_ttl_s")
         return self
 
     @property
     def shared(self) -> bool:
-        """Replicas share state (a Redis URL is configured)."""
         return self.redis_url is not None
-
-
-# --- end of [cluster] --------------------------------------------------------------------------
 
 
 class Settings(BaseSettings):
@@ -298,14 +287,19 @@ class Settings(BaseSettings):
     cluster: ClusterSettings = ClusterSettings()
     nodes: Annotated[list[NodeSettings], Field(min_length=1)]
 
-    @model_validator(mode="after")
-    def _unique_names(self) -> Settings:
-        seen: set[str] = set()
-        for node in self.nodes:
+    @field_validator("nodes")
+    @classmethod
+    def _unique_names(cls, nodes: list[NodeSettings]) -> list[NodeSettings]:
+        seen: dict[str, int] = {}
+        for index, node in enumerate(nodes):
             if node.name in seen:
-                raise ValueError(f"duplicate node name {node.name!r}")
-            seen.add(node.name)
-        return self
+                raise PydanticCustomError(
+                    DUPLICATE_NAME,
+                    "duplicate node name '{name}' (nodes[{first}] has it too)",
+                    {"index": index, "first": seen[node.name], "name": node.name},
+                )
+            seen[node.name] = index
+        return nodes
 
     @classmethod
     def settings_customise_sources(
@@ -316,8 +310,18 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # Earlier sources win: arguments, then SDPROXY_* variables, then the TOML file.
-        return init_settings, env_settings, _FileSource(settings_cls)
+        # Earlier sources win: arguments, then SDPROXY_* variables, then the TOML file. The
+        # variables are read by environment.py, not pydantic-settings' own source, so that a
+        # value that is not JSON is one clear error and comma lists work.
+        return init_settings, _EnvironmentSource(settings_cls), _FileSource(settings_cls)
+
+
+# The sections SDPROXY_<SECTION>__<KEY> may set, and their models (for list-valued keys).
+SECTIONS: dict[str, type[BaseModel]] = {
+    name: kind
+    for name, field in Settings.model_fields.items()
+    if isinstance(kind := field.annotation, type) and issubclass(kind, BaseModel)
+}
 
 
 class _FileSource(PydanticBaseSettingsSource):
@@ -330,13 +334,24 @@ class _FileSource(PydanticBaseSettingsSource):
         return dict(_file_data.get() or {})
 
 
+class _EnvironmentSource(PydanticBaseSettingsSource):
+    """The SDPROXY_* variables as settings data (environment.read_environment)."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self().get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        given = _environment_data.get()
+        return dict(given if given is not None else read_environment(os.environ, SECTIONS).data)
+
+
 def load_settings(path: Path | None, **overrides: Any) -> Settings:
     """Read ``path`` (TOML), apply ``SDPROXY_*`` environment overrides, validate.
 
-    Raises ConfigError with one line naming the file, the key and what is wrong.
+    Raises ConfigError with one line naming where the bad value came from (the file, or the
+    environment variable), the key and what is wrong.
     """
     data: dict[str, Any] = {}
-    where = str(path) if path is not None else "environment"
     if path is not None:
         try:
             with path.open("rb") as fh:
@@ -347,46 +362,36 @@ def load_settings(path: Path | None, **overrides: Any) -> Settings:
             raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
-    token = _file_data.set(data)
+    environment = read_environment(os.environ, SECTIONS)
+    file_token = _file_data.set(data)
+    env_token = _environment_data.set(environment.data)
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
         # from None: pydantic's own text repeats the input values, passwords included.
-        raise ConfigError(f"{where}: {describe_validation_error(exc, data)}") from None
+        raise ConfigError(describe_validation_error(exc, data, environment, path)) from None
     finally:
-        _file_data.reset(token)
-    if path is not None:
-        settings = _with_state_file(settings, path)
-    return settings
+        _environment_data.reset(env_token)
+        _file_data.reset(file_token)
+    return _with_state_file(settings, path)
 
 
 DEFAULT_STATE_FILE = "sdproxy-state.json"
 
 
-def _with_state_file(settings: Settings, config_path: Path) -> Settings:
-    """The benchmark state file resolved against the configuration file's directory."""
-    state = settings.benchmark.state_file or Path(DEFAULT_STATE_FILE)
+def _with_state_file(settings: Settings, config_path: Path | None) -> Settings:
+    """The benchmark state file, resolved against state_dir or the configuration's directory.
+
+    None (results are not kept) only when neither is known: no state_dir and no file.
+    """
+    bench = settings.benchmark
+    state = bench.state_file or Path(DEFAULT_STATE_FILE)
     if not state.is_absolute():
-        state = config_path.resolve().parent / state
-    benchmark = settings.benchmark.model_copy(update={"state_file": state})
+        base = bench.state_dir
+        if base is None and config_path is not None:
+            base = config_path.resolve().parent
+        if base is None:
+            return settings
+        state = base / state
+    benchmark = bench.model_copy(update={"state_file": state})
     return settings.model_copy(update={"benchmark": benchmark})
-
-
-def describe_validation_error(exc: ValidationError, data: dict[str, Any]) -> str:
-    """The first problem of ``exc`` in one line, with its key as a TOML path."""
-    first = exc.errors(include_url=False)[0]
-    parts: list[str] = []
-    nodes = data.get("nodes")
-    for part in first["loc"]:
-        if isinstance(part, int) and parts == ["nodes"] and isinstance(nodes, list):
-            name = nodes[part].get("name") if part < len(nodes) else None
-            parts[-1] = f"nodes[{part}]" + (f" ({name})" if isinstance(name, str) else "")
-        else:
-            parts.append(str(part))
-    key = ".".join(parts) or "(top level)"
-    message = first["msg"]
-    if first["type"] == "extra_forbidden":
-        message = "unknown key"
-    elif first["type"] == "missing":
-        message = "required key missing"
-    return f"{key}: {message}"

@@ -8,6 +8,9 @@
     │   ├── RequestValidationError  422, FastAPI's validation body
     │   ├── BodyTooLarge            413
     │   ├── BodyTimeout             408: the body did not arrive within body_timeout_s
+    │   ├── BadBody                 400: a body that cannot be read (server/bodies.py)
+    │   ├── UnsupportedEncoding     415: a Content-Encoding not decoded (server/bodies.py)
+    │   ├── ExpectationFailed       417: an Expect but 100-continue (server/bodies.py)
     │   ├── ClientGone              499 (nginx's code): the client left before its body arrived
     │   ├── NotAuthenticated        401, the webui's --api-auth bodies
     │   ├── NotFound                404
@@ -15,6 +18,7 @@
     │   ├── NotSupported            501: node-local actions (create/*, train/*)
     │   └── UnknownCheckpoint       422 (the webui's 500 body): POST options names no model
     ├── NoNodeAvailable             503: no healthy node can take the work
+    ├── ShuttingDown                503: still running after shutdown_grace_s (server/drain.py)
     ├── RequestTimeout              504: the request's overall deadline passed
     ├── InternalError               500: a bug in sdproxy met the request twice (request id)
     ├── GenerationFailed            502: shares failed and no node could take them over

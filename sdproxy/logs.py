@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
+from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any, Literal
 
@@ -86,3 +88,52 @@ def log_crash(task: asyncio.Task[Any]) -> None:
     error = task.exception()
     if error is not None:
         logging.getLogger("sdproxy").error("task %s crashed", task.get_name(), exc_info=error)
+
+
+class RateLimitedLog:
+    """At most one line per kind and interval; the lines held back are counted, not lost.
+
+    The first line of a kind is logged at once. Until ``interval_s`` has passed, more of the
+    same kind are only counted; the count is logged when the interval ends (``schedule`` runs
+    ``flush`` then; without it, with the next line of that kind). Kinds are a small, fixed set
+    (exception class names), never client input.
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        interval_s: float = 10.0,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        schedule: Callable[[float, Callable[[], None]], object] | None = None,
+    ) -> None:
+        self.logger, self.interval_s = logger, interval_s
+        self._clock, self._schedule = clock, schedule
+        self._until: dict[str, float] = {}
+        self._held: dict[str, tuple[int, int, str, dict[str, object]]] = {}
+
+    def log(self, kind: str, level: int, text: str, fields: dict[str, object]) -> None:
+        """Log ``text`` (with ``fields`` as structured extras) unless ``kind`` was just logged."""
+        now = self._clock()
+        if now < self._until.get(kind, -math.inf):
+            count = self._held.get(kind, (0, level, text, fields))[0]
+            if count == 0 and self._schedule is not None:
+                self._schedule(self._until[kind] - now, self.flush)
+            self._held[kind] = (count + 1, level, text, fields)
+            return
+        self._emit_held(kind)
+        self._until[kind] = now + self.interval_s
+        self.logger.log(level, "%s", text, extra={"fields": fields})
+
+    def flush(self) -> None:
+        """Log the counts of every kind whose interval has ended."""
+        now = self._clock()
+        for kind in [kind for kind, until in self._until.items() if now >= until]:
+            self._emit_held(kind)
+
+    def _emit_held(self, kind: str) -> None:
+        count, level, text, fields = self._held.pop(kind, (0, logging.INFO, "", {}))
+        if count:
+            repeated = {**fields, "repeated": count, "interval_s": self.interval_s}
+            line = f"{text} repeated={count} interval_s={self.interval_s:g}"
+            self.logger.log(level, "%s", line, extra={"fields": repeated})

@@ -301,6 +301,27 @@ async def wait_for_status(
     return seen
 
 
+# Every way of writing "up one level" or "another separator" seen in path-traversal attacks.
+PATH_ESCAPES = [
+    "/controlnet/../sdapi/v1/cmd-flags",
+    "/controlnet/%2e%2e/sdapi/v1/cmd-flags",
+    "/controlnet/%2E%2E/sdapi/v1/cmd-flags",
+    "/controlnet/%2E./sdapi/v1/cmd-flags",
+    "/controlnet/.%2e/sdapi/v1/cmd-flags",
+    "/controlnet/..%2fsdapi/v1/cmd-flags",
+    "/controlnet/..%2Fsdapi%2Fv1%2Fcmd-flags",
+    "/controlnet/%2e%2e%2fsdapi/v1/cmd-flags",
+    "/controlnet/..%5csdapi/v1/cmd-flags",
+    "/controlnet/..\\sdapi/v1/cmd-flags",
+    "/controlnet/./../sdapi/v1/cmd-flags",
+    "/controlnet/x/../../sdapi/v1/cmd-flags",
+    "/controlnet//sdapi/v1/cmd-flags",
+    "/controlnet/%00/x",
+    "/controlnet/%/x",
+    "/controlnet/%c0%ae%c0%ae/sdapi/v1/cmd-flags",  # overlong UTF-8 dots
+]
+
+
 # --- Redis and replicas (issue 13) ---------------------------------------------------------------
 
 

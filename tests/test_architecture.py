@@ -19,7 +19,8 @@ ALLOWED = {
     "cluster": {"nodes", "shared", "core", "ops", "config", "errors", "logs"},
     "server": {"cluster", "nodes", "core", "ops", "config", "errors", "logs", "__init__"},
     "fakewebui": {"core"},
-    "config": {"errors"},
+    "config": {"environment", "errors"},
+    "environment": {"errors"},  # SDPROXY_* variables -> settings data, for config only
     "errors": set(),
     "logs": set(),
 }

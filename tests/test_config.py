@@ -9,7 +9,15 @@ import pytest
 import trustme
 from pydantic import BaseModel
 
-from sdproxy.config import NodeSettings, SchedulerSettings, ServerSettings, load_settings
+from sdproxy.config import (
+    ApiSettings,
+    AutosaveSettings,
+    BenchmarkSettings,
+    NodeSettings,
+    SchedulerSettings,
+    ServerSettings,
+    load_settings,
+)
 from sdproxy.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -166,9 +174,186 @@ class TestSecretsInConfig:
 class TestExampleDocumentsEverything:
     """config.example.toml names every option, so users can find each one."""
 
-    @pytest.mark.parametrize("section", [ServerSettings, SchedulerSettings, NodeSettings])
+    @pytest.mark.parametrize(
+        "section",
+        [
+            ServerSettings,
+            SchedulerSettings,
+            BenchmarkSettings,
+            ApiSettings,
+            AutosaveSettings,
+            NodeSettings,
+        ],
+    )
     def test_every_option_in_example(self, section: type[BaseModel]) -> None:
         """Each field appears as a key (set or commented out) in the example."""
         text = (ROOT / "config.example.toml").read_text()
         missing = [name for name in section.model_fields if f"{name} =" not in text]
         assert missing == []
+
+
+NODE_JSON = '[{"name": "z", "url": "http://127.0.0.1:1"}]'
+
+
+class TestEnvironment:
+    """SDPROXY_* variables: comma lists where a list is obvious, and one line per mistake."""
+
+    @pytest.mark.parametrize(
+        ("variable", "value", "read"),
+        [
+            ("SDPROXY_SERVER__API_KEYS", "key-one-123,key-two-456", ["key-one-123", "key-two-456"]),
+            ("SDPROXY_SERVER__API_KEYS", '["key-one-123"]', ["key-one-123"]),
+            ("SDPROXY_SERVER__API_KEYS", "", []),
+            ("SDPROXY_BENCHMARK__BATCH_SIZES", "1,4", (1, 4)),
+            ("SDPROXY_BENCHMARK__BATCH_SIZES", " 2 , 8 ", (2, 8)),
+            ("SDPROXY_API__EXTENSION_PREFIXES", "controlnet,tagger", ("controlnet", "tagger")),
+            ("SDPROXY_SERVER__PORT", "8080", 8080),
+            ("sdproxy_server__port", "8081", 8081),
+            ("SDPROXY_SERVER", '{"port": 8082, "host": "0.0.0.0"}', 8082),
+        ],
+    )
+    def test_environment_values_read(
+        self,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+        variable: str,
+        value: str,
+        read: object,
+    ) -> None:
+        """JSON or comma-separated lists, plain scalars, and whole sections as JSON."""
+        monkeypatch.setenv(variable, value)
+        settings = load_settings(write(tmp_path, MINIMAL))
+        section, _, key = variable.lower().removeprefix("sdproxy_").partition("__")
+        got = getattr(getattr(settings, section), key or "port")
+        if key == "api_keys":
+            got = [secret.get_secret_value() for secret in got]
+        assert got == read
+
+    @pytest.mark.parametrize(
+        ("variable", "value", "message"),
+        [
+            ("SDPROXY_NODES", "not json", "SDPROXY_NODES: not valid JSON (Expecting value"),
+            ("SDPROXY_NODES", "[1]", "SDPROXY_NODES: nodes[0]: expected a JSON object"),
+            ("SDPROXY_NODES", "{}", "SDPROXY_NODES: nodes: Input should be a valid list"),
+            (
+                "SDPROXY_NODES",
+                '[{"name": "x", "url": "http://h:1"}, {"name": "x", "url": "http://h:2"}]',
+                "SDPROXY_NODES: nodes[1] (x).name: duplicate node name 'x' (nodes[0] has it",
+            ),
+            (
+                "SDPROXY_NODES",
+                '[{"name": "x", "url": "ftp://h"}]',
+                "SDPROXY_NODES: nodes[0] (x).url: URL scheme",
+            ),
+            ("SDPROXY_SERVER__API_KEYS", "abc", "SDPROXY_SERVER__API_KEYS: server.api_keys: key 1"),
+            ("SDPROXY_SERVER__API_KEYS", '["abc', "SDPROXY_SERVER__API_KEYS: not valid JSON"),
+            ("SDPROXY_BENCHMARK__BATCH_SIZES", "4,4", "SDPROXY_BENCHMARK__BATCH_SIZES: benchmark"),
+            ("SDPROXY_BENCHMARK__BATCH_SIZES", "1,x", "benchmark.batch_sizes.1: Input should be"),
+            ("SDPROXY_SERVER__PORT", "high", "SDPROXY_SERVER__PORT: server.port: Input should"),
+            ("SDPROXY_SERVER__PROT", "1", "SDPROXY_SERVER__PROT: server.prot: unknown key"),
+            ("SDPROXY_SERVR__PORT", "1", "SDPROXY_SERVR__PORT: unknown section 'servr'"),
+            ("SDPROXY_SERVER", "5", "SDPROXY_SERVER: give a JSON object of [server] keys"),
+            ("SDPROXY_SERVER", "{", "SDPROXY_SERVER: not valid JSON"),
+        ],
+    )
+    def test_environment_errors_name_the_variable(
+        self,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+        variable: str,
+        value: str,
+        message: str,
+    ) -> None:
+        """A bad variable is blamed on itself, not on the file, and its value is not shown."""
+        monkeypatch.setenv(variable, value)
+        path = write(tmp_path, MINIMAL)
+        with pytest.raises(ConfigError) as caught:
+            load_settings(path)
+        text = str(caught.value)
+        assert message in text
+        assert text.startswith(variable)
+        assert str(path) not in text
+        assert "\n" not in text
+        assert caught.value.__cause__ is None
+
+    def test_secret_values_are_never_echoed(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A node list that is not JSON holds a password: the error names only the variable."""
+        monkeypatch.setenv("SDPROXY_NODES", f'[{{"name": "a", "password": "{SECRET}"')
+        with pytest.raises(ConfigError) as caught:
+            load_settings(None)
+        assert SECRET not in str(caught.value)
+        assert str(caught.value).startswith("SDPROXY_NODES: not valid JSON")
+
+    def test_file_errors_still_name_the_file(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """With a good variable set, a bad file key is still the file's."""
+        monkeypatch.setenv("SDPROXY_SERVER__PORT", "8080")
+        path = write(tmp_path, "[server]\nhost = 1\n" + MINIMAL)
+        with pytest.raises(ConfigError, match=r"^.*config\.toml: server\.host: Input should"):
+            load_settings(path)
+
+    @pytest.mark.parametrize(
+        ("text", "message"),
+        [
+            ("nodes = [1]\n", "nodes[0]: expected a table of keys"),
+            (
+                'nodes = [1, {name = "b", url = "http://h:1"}]\n',
+                "nodes[0]: expected a table of keys",
+            ),
+            (MINIMAL + MINIMAL, "nodes[1] (a).name: duplicate node name 'a' (nodes[0] has it too)"),
+            ("nodes = 3\n", "nodes: Input should be a valid list"),
+        ],
+    )
+    def test_odd_node_lists_in_the_file(self, tmp_path: Path, text: str, message: str) -> None:
+        """Entries that are not tables, and duplicate names, name the entry and its key."""
+        path = write(tmp_path, text)
+        with pytest.raises(ConfigError) as caught:
+            load_settings(path)
+        assert str(caught.value) == f"{path}: {message}"
+
+    def test_environment_only_without_nodes(self) -> None:
+        """No file and no SDPROXY_NODES: the line says how to give nodes."""
+        with pytest.raises(
+            ConfigError, match=r"environment: nodes: required key missing .*SDPROXY_NODES"
+        ):
+            load_settings(None)
+
+    def test_other_sdproxy_variables_are_not_settings(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """SDPROXY_CONFIG (the healthcheck's) and the like are left alone."""
+        monkeypatch.setenv("SDPROXY_CONFIG", "/etc/sdproxy/config.toml")
+        monkeypatch.setenv("SDPROXY_NODES", NODE_JSON)
+        assert [n.name for n in load_settings(None).nodes] == ["z"]
+
+
+class TestStateFile:
+    """Where benchmark results are kept: state_dir, else beside the file, else nowhere."""
+
+    def test_state_dir_holds_the_default_file(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """SDPROXY_BENCHMARK__STATE_DIR (the image sets it) holds sdproxy-state.json."""
+        monkeypatch.setenv("SDPROXY_BENCHMARK__STATE_DIR", str(tmp_path / "state"))
+        monkeypatch.setenv("SDPROXY_NODES", NODE_JSON)
+        settings = load_settings(None)
+        assert settings.benchmark.state_file == tmp_path / "state" / "sdproxy-state.json"
+        path = write(tmp_path, '[benchmark]\nstate_file = "x.json"\n' + MINIMAL)
+        assert load_settings(path).benchmark.state_file == tmp_path / "state" / "x.json"
+
+    def test_absolute_state_file_wins(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """An absolute state_file in the file is kept whatever the state directory."""
+        monkeypatch.setenv("SDPROXY_BENCHMARK__STATE_DIR", str(tmp_path / "state"))
+        target = tmp_path / "mine.json"
+        path = write(tmp_path, f'[benchmark]\nstate_file = "{target}"\n' + MINIMAL)
+        assert load_settings(path).benchmark.state_file == target
+
+    def test_environment_only_keeps_no_state_without_a_dir(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """No file and no state_dir: nowhere to keep results (none is kept)."""
+        monkeypatch.setenv("SDPROXY_NODES", NODE_JSON)
+        assert load_settings(None).benchmark.state_file is None

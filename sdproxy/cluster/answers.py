@@ -9,6 +9,7 @@ from typing import Any
 from sdproxy.cluster.work import Run
 from sdproxy.core import images
 from sdproxy.core.merge import Merged, merge_parts, with_grid
+from sdproxy.core.progress import FinishedJob, finished_job
 from sdproxy.core.request import GenerationRequest
 from sdproxy.errors import GenerationFailed
 
@@ -22,8 +23,25 @@ class GenerationResult:
     warnings: list[str] = field(default_factory=list)  # said to the client in a header
 
 
-async def answer(run: Run) -> GenerationResult:
-    """What the client gets for a finished ``run``; raises the run's error."""
+@dataclass
+class LastRun:
+    """The last request answered, as an idle GET /progress still shows it (as a webui does)."""
+
+    job: FinishedJob | None = None
+
+
+async def answer(run: Run, last: LastRun | None = None) -> GenerationResult:
+    """What the client gets for a finished ``run``; raises the run's error.
+
+    ``last`` is told what a webui's progress would still show of it.
+    """
+    result = await _answer(run)
+    if last is not None:
+        last.job = finished_job(run.request, result.body, interrupted=run.interrupted)
+    return result
+
+
+async def _answer(run: Run) -> GenerationResult:
     request = run.request
     if run.error is not None:
         raise run.error

@@ -295,12 +295,14 @@ class Benchmarker:
                         "txt2img", payload(settings, size), self._timeout_s
                     )
                 except NodeError as exc:
-                    done.set_exception(exc)
+                    if not done.done():  # the benchmark may have been stopped meanwhile
+                        done.set_exception(exc)
                     return
                 seconds = host.clock.now() - started
                 if timed:  # the model learns from every timed run at once
                     host.state.observe(name, size * work_per_run, seconds)
-                done.set_result(seconds)
+                if not done.done():
+                    done.set_result(seconds)
 
             host.lanes[name].submit_background(Background(size * work_per_run, run))
             return await done

@@ -25,7 +25,7 @@ from typing import Any
 import aiohttp
 
 from sdproxy.cluster import interrupts, stealing
-from sdproxy.cluster.answers import GenerationResult, answer
+from sdproxy.cluster.answers import GenerationResult, LastRun, answer
 from sdproxy.cluster.checkpoints import CheckpointRouter
 from sdproxy.cluster.clock import Clock, LoopClock
 from sdproxy.cluster.dispatch import Dispatcher
@@ -98,6 +98,7 @@ class Cluster:
         # Finished requests nobody received ("finish" on disconnect) go here: autosave.
         self.unseen_results: Callable[[GenerationResult], None] | None = None
         self._rng = rng or random.SystemRandom()
+        self.last_run = LastRun()  # what an idle /progress still shows
         self._supervisor = Supervisor(self.clock)
         self._tasks: set[asyncio.Task[None]] = set()
         self._wakes = {name: asyncio.Event() for name in self.clients}
@@ -200,7 +201,7 @@ class Cluster:
         finally:
             if run.finished:
                 self._withdraw(run)
-        result = await answer(run)
+        result = await answer(run, self.last_run)
         result.warnings.extend(warnings)
         return result
 
@@ -227,7 +228,7 @@ class Cluster:
             run.fail(RequestTimeout("the request took longer than request_timeout_s"))
         self._withdraw(run)
         try:
-            result = await answer(run)
+            result = await answer(run, self.last_run)
         except SdproxyError as exc:
             log.info("request %s, whose client left, failed: %s", run.request_id, exc)
             return

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ctypes
+import ctypes.util
+import functools
 import io
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
@@ -33,6 +38,25 @@ def check_b64_image(data: str, max_pixels: int) -> str | None:
     The size is read from the header and checked before any pixel is decoded, so a small
     file that would expand to gigabytes is refused without being expanded.
     """
+    found = image_header(data, max_pixels)
+    return found if isinstance(found, str) else check_decodes(found.raw)
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """An encoded image whose header was read: its bytes and its size, nothing decoded yet."""
+
+    raw: bytes
+    width: int
+    height: int
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+
+def image_header(data: str, max_pixels: int) -> ImageHeader | str:
+    """The image's size from its header (no pixel decoded), or why it is no usable image."""
     if data.startswith("data:"):
         _, _, data = data.partition(",")
     try:
@@ -42,16 +66,48 @@ def check_b64_image(data: str, max_pixels: int) -> str | None:
     try:
         with Image.open(io.BytesIO(raw)) as image:
             width, height = image.size
-            if width * height > max_pixels:
-                return f"image is {width}x{height}, more than {max_pixels / 1e6:g} megapixels"
-            image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         return f"image is more than {max_pixels / 1e6:g} megapixels"
     except UnidentifiedImageError:
         return "not an image in a format Pillow reads"
+    except Exception:  # Pillow's header parsers raise many kinds on corrupt data
+        return "the image data is corrupt or truncated"
+    if width * height > max_pixels:
+        return f"image is {width}x{height}, more than {max_pixels / 1e6:g} megapixels"
+    return ImageHeader(raw, width, height)
+
+
+def check_decodes(raw: bytes) -> str | None:
+    """Decode every pixel once (then drop them); why it fails, or None."""
+    try:
+        with Image.open(io.BytesIO(raw)) as image:
+            image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return "image is too large to decode"
     except Exception:  # Pillow's decoders raise many kinds on corrupt data
         return "the image data is corrupt or truncated"
     return None
+
+
+def release_memory() -> None:
+    """Hand freed heap memory back to the system (glibc's malloc_trim; a no-op elsewhere).
+
+    Decoding a large image in a worker thread leaves that thread's malloc arena holding the
+    freed pixels: without this, a few requests of large init images keep hundreds of MB.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c")
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return None
+    return trim
 
 
 def encode_png(image: Image.Image, infotext: str | None) -> str:

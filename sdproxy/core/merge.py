@@ -54,8 +54,12 @@ def merge_parts(
     """Merge parts covering every image of ``request`` into one webui response.
 
     ``parts`` may come in any order; together they must cover the images exactly once. With
-    ``partial`` (an interrupted request) they may leave gaps: the response holds the images
-    finished, while the per-image lists of info keep every entry, as the webui's do.
+    ``partial`` (an interrupted request) they may leave gaps: the response holds every image
+    finished, in seed order, while the per-image lists of info keep every entry, as the webui's
+    do. Entry i of each list (and of infotexts) describes images[i]: the finished images'
+    entries first, then those of the images never rendered. One webui always finishes the
+    first k images, so clients zip ``images`` with ``all_seeds``; a split request interrupted
+    mid-way has finished several ranges, and this order keeps that pairing right.
     """
     ordered = sorted(parts, key=lambda p: p.start)
     expected = 0
@@ -68,10 +72,12 @@ def merge_parts(
 
     first = ordered[0]
     info = dict(first.info)
+    order = _rendered_first(ordered, request.reported_total) if partial else None
     for key in _PER_IMAGE_LISTS:
         if key in info:
-            if partial:
-                info[key] = _spread(key, ordered, request, seeds)
+            if order is not None:
+                spread = _spread(key, ordered, request, seeds)
+                info[key] = [spread[k] for k in order]
             else:
                 info[key] = [value for part in ordered for value in part.info.get(key, [])]
     _pad_to_reported_total(info, request, seeds)
@@ -102,9 +108,36 @@ def merge_parts(
         parameters=_echo_parameters(first.parameters, request),
         info=info,
         grid_wanted=grid_wanted,
-        shares=[(p.node, p.start, p.stop - 1) for p in ordered if p.count],
+        shares=_shares(ordered),
         rendered=rendered,
     )
+
+
+def _rendered_first(ordered: Sequence[Part], total: int) -> list[int]:
+    """Image indices of an interrupted request: the rendered ones in seed order, then the rest."""
+    rendered = [k for part in ordered for k in range(part.start, part.stop) if k < total]
+    done = set(rendered)
+    return rendered + [k for k in range(total) if k not in done]
+
+
+def _shares(ordered: Sequence[Part]) -> list[tuple[str, int, int]]:
+    """(node, first, last) over the response's images, one entry per run of one node's images.
+
+    Positions in ``images`` (grid excluded), which are the seed indices unless an interrupt
+    left gaps. A node whose range went as two requests (full batches, then the rest) is one
+    entry.
+    """
+    shares: list[tuple[str, int, int]] = []
+    position = 0
+    for part in ordered:
+        if not part.count:
+            continue
+        first, last = position, position + part.count - 1
+        if shares and shares[-1][0] == part.node and shares[-1][2] == first - 1:
+            first = shares.pop()[1]
+        shares.append((part.node, first, last))
+        position += part.count
+    return shares
 
 
 def _spread(

@@ -1,23 +1,39 @@
 """Pure: read a txt2img/img2img body into what sdproxy relies on, and build each node's body.
 
-Only the fields sdproxy uses are validated; every other field travels to the nodes untouched.
-Coercion and error messages follow the webui's pydantic-1 request models (reference section 2.5).
+The body is validated against the webui's own request model (``core/webui_model.py``: the same
+coercion and 422 items), then against what would fail on a node or escape sdproxy's bounds:
+null where processing needs a value, seeds that overflow once an image's offset is added, sizes
+and steps over the configured bounds (hires fix's pass computed as the webui does, in
+``core/hires.py``). The body itself travels to the nodes untouched but for batch and seeds.
 """
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from sdproxy.core import hires, webui_model
 from sdproxy.core.imageurls import image_url_errors, is_url
+from sdproxy.core.webui_model import (
+    Loc,
+    ModelRead,
+    coerce,
+    none_not_allowed,
+    not_ge,
+    not_le,
+    type_error,
+)
 from sdproxy.errors import NotFound, RequestValidationError, validation_error
 
 Kind = Literal["txt2img", "img2img"]
 
 # The webui draws random seeds from this range (modules/processing.py, get_fixed_seed).
 SEED_RANGE = 4294967294
+# Every image's seed (and subseed) seeds a torch generator, which takes this range; sdproxy's
+# JSON (orjson) carries integers of 64 bits, so node answers could not echo more either.
+SEED_MIN = -(2**63)
+SEED_MAX = 2**64 - 1
 
 
 @dataclass(frozen=True)
@@ -151,34 +167,32 @@ def parse_generation(
     Raises RequestValidationError with every problem found, in the webui's 422 shape.
     """
     if not isinstance(body, dict):
-        raise RequestValidationError(
-            [validation_error(["body"], "value is not a valid dict", "type_error.dict")]
-        )
-    reader = _FieldReader(body)
-    batch_size = reader.integer("batch_size", 1, minimum=1)
-    n_iter = reader.integer("n_iter", 1, minimum=1)
-    seed = reader.optional_integer("seed", -1)
-    subseed = reader.optional_integer("subseed", -1)
-    subseed_strength = reader.number("subseed_strength", 0.0)
-    steps = reader.integer("steps", 50, minimum=1, maximum=limits.max_steps)
-    width = reader.integer("width", 512, minimum=1, maximum=limits.max_width)
-    height = reader.integer("height", 512, minimum=1, maximum=limits.max_height)
-    send_images = reader.boolean("send_images", True)
-    save_images = reader.boolean("save_images", False)
-    reader.string("prompt")
-    reader.string("negative_prompt")
-    script_name = reader.string("script_name")
-    init_images = reader.image_list("init_images") if kind == "img2img" else 0
-    denoising_strength = reader.number("denoising_strength", 0.75 if kind == "img2img" else 0.0)
-    hires = _read_hires(reader, kind, steps, width, height, limits)
-    if kind == "img2img":
-        reader.string("mask")
-    if not limits.allow_image_urls:
-        reader.errors.extend(image_url_errors(body))
-    reader.raise_if_errors()
+        raise RequestValidationError([webui_model.type_error(["body"], "dict")])
+    read = webui_model.read_model(webui_model.MODELS[kind], body)
+    for spec in webui_model.MODELS[kind]:
+        if spec.needed and spec.name in body and body[spec.name] is None:
+            read.fail(spec.name, none_not_allowed(["body", spec.name]))
+    batch_size = read.integer("batch_size", minimum=1)
+    n_iter = read.integer("n_iter", minimum=1)
+    steps = read.integer("steps", minimum=1, maximum=limits.max_steps)
+    width = read.integer("width", minimum=1, maximum=limits.max_width)
+    height = read.integer("height", minimum=1, maximum=limits.max_height)
+    subseed_strength = read.number("subseed_strength")
+    images = batch_size * n_iter
+    _check_seed(read, "seed", 1 if subseed_strength != 0 else images)
+    _check_seed(read, "subseed", images)
+    init_images = _image_list(read, body) if kind == "img2img" else 0
+    passes = None
+    if kind == "txt2img":
+        bounds = (limits.max_width, limits.max_height, limits.max_steps)
+        passes = hires.check_passes(read, width, height, *bounds)
+    denoising_strength = read.number("denoising_strength")
+    extra = [] if limits.allow_image_urls else image_url_errors(body)
+    if read.errors or extra:
+        raise RequestValidationError(read.sorted_errors(extra))
     if kind == "img2img" and body.get("init_images") is None:
         raise NotFound("Init image not found")
-    if batch_size * n_iter > max_images:
+    if images > max_images:
         raise RequestValidationError(
             [
                 validation_error(
@@ -200,216 +214,75 @@ def parse_generation(
                 )
             ]
         )
+    values = read.values
+    first = passes.first.size if passes else (width, height)
+    second = passes.hires.size if passes and passes.hires else None
+    second_steps = read.integer("hr_second_pass_steps") if second else 0
     return GenerationRequest(
         kind=kind,
         body=body,
         batch_size=batch_size,
         n_iter=n_iter,
-        seed=None if seed is None or seed == -1 else seed,
-        subseed=None if subseed is None or subseed == -1 else subseed,
+        seed=None if values["seed"] in (None, -1) else values["seed"],
+        subseed=None if values["subseed"] in (None, -1) else values["subseed"],
         subseed_strength=subseed_strength,
-        send_images=send_images,
-        save_images=save_images,
-        script_name=script_name or None,
+        send_images=values["send_images"],
+        save_images=values["save_images"],
+        script_name=values["script_name"] or None,
         init_images=init_images,
         steps=steps,
-        width=width,
-        height=height,
-        echo={key: _echo(body, key, default) for key, default in _REWRITTEN.items()},
+        width=first[0],
+        height=first[1],
+        echo={key: values[key] for key in _REWRITTEN},
         denoising_strength=denoising_strength,
-        hr_steps=hires[0] if hires else None,
-        hr_width=hires[1] if hires else 0,
-        hr_height=hires[2] if hires else 0,
+        hr_steps=None if second is None else (second_steps if second_steps > 0 else steps),
+        hr_width=second[0] if second else 0,
+        hr_height=second[1] if second else 0,
     )
 
 
-def _read_hires(
-    reader: _FieldReader, kind: Kind, steps: int, width: int, height: int, limits: InputLimits
-) -> tuple[int, int, int] | None:
-    """Hires fix's second pass as (steps, width, height), with the webui's defaults and bounds.
-
-    The target size is the webui's ``calculate_target_resolution``: hr_resize_x/y when either is
-    set (the other kept in proportion), else the size times hr_scale.
-    """
-    if kind != "txt2img":
-        return None
-    unbounded = -(2**63)  # the webui accepts any value here; only the top is bounded
-    second_pass = reader.integer(
-        "hr_second_pass_steps", 0, minimum=unbounded, maximum=limits.max_steps
-    )
-    resize_x = reader.integer("hr_resize_x", 0, minimum=unbounded, maximum=limits.max_width)
-    resize_y = reader.integer("hr_resize_y", 0, minimum=unbounded, maximum=limits.max_height)
-    # enable_hr is Optional in the webui's model: null means off.
-    if reader.body.get("enable_hr") is None or not reader.boolean("enable_hr", False):
-        return None
-    if resize_x <= 0 and resize_y <= 0:
-        scale = reader.number("hr_scale", 2.0)
-        if width * scale > limits.max_width or height * scale > limits.max_height:
-            limit = min(limits.max_width / width, limits.max_height / height)
-            reader.errors.append(
-                validation_error(
-                    ["body", "hr_scale"],
-                    f"ensure this value is less than or equal to {limit:g}",
-                    "value_error.number.not_le",
-                    limit_value=limit,
-                )
-            )
-        size = int(width * scale), int(height * scale)
-    elif resize_y <= 0:
-        size = resize_x, resize_x * height // width
-    elif resize_x <= 0:
-        size = resize_y * width // height, resize_y
-    else:
-        size = resize_x, resize_y
-    return (second_pass if second_pass > 0 else steps), max(1, size[0]), max(1, size[1])
+# Fields node_body() rewrites; parameters echo them as the client sent them.
+_REWRITTEN = ("batch_size", "n_iter", "seed", "subseed")
 
 
-# Fields node_body() rewrites, with the webui's defaults for when the client left them out.
-_REWRITTEN = {"batch_size": 1, "n_iter": 1, "seed": -1, "subseed": -1}
+def _check_seed(read: ModelRead, name: str, images: int) -> None:
+    """Each image's seed (seed + 0 .. images - 1) seeds a generator; -1 stays random."""
+    value = read.values.get(name)
+    if value is None or value == -1 or not read.ok(name):
+        return
+    loc: Loc = ["body", name]
+    if value > SEED_MAX - (images - 1):
+        read.fail(name, not_le(loc, SEED_MAX - (images - 1)))
+    elif value < SEED_MIN:
+        read.fail(name, not_ge(loc, SEED_MIN))
+    elif value < -1 <= value + images - 1:
+        # A share starting at that image would send a node -1, which it reads as random.
+        message = (
+            f"with {images} images one would get the seed -1, which means random: "
+            f"ensure this value is -1, at least 0 or at most {-images - 1}"
+        )
+        read.fail(name, validation_error(loc, message, "value_error.seed.random"))
 
 
-def _echo(body: dict[str, Any], key: str, default: int) -> int | None:
-    value = body.get(key, default)
-    return None if value is None else _as_int(value)
-
-
-class _FieldReader:
-    """Reads fields the way pydantic 1 coerces them, collecting every error."""
-
-    def __init__(self, body: dict[str, Any]) -> None:
-        self.body = body
-        self.errors: list[dict[str, Any]] = []
-
-    def _fail(self, name: str, msg: str, type_: str, **ctx: Any) -> None:
-        self.errors.append(validation_error(["body", name], msg, type_, **ctx))
-
-    def raise_if_errors(self) -> None:
-        if self.errors:
-            raise RequestValidationError(self.errors)
-
-    def integer(self, name: str, default: int, *, minimum: int, maximum: int | None = None) -> int:
-        """An int of at least ``minimum`` (and at most ``maximum``); null means the default."""
-        value = self.optional_integer(name, default)
-        if value is None:
-            return default
-        if maximum is not None and value > maximum:
-            self._fail(
-                name,
-                f"ensure this value is less than or equal to {maximum}",
-                "value_error.number.not_le",
-                limit_value=maximum,
-            )
-            return default
-        if value < minimum:
-            self._fail(
-                name,
-                f"ensure this value is greater than or equal to {minimum}",
-                "value_error.number.not_ge",
-                limit_value=minimum,
-            )
-            return default
-        return value
-
-    def optional_integer(self, name: str, default: int) -> int | None:
-        value = self.body.get(name, default)
-        if value is None:
-            return None
-        result = _as_int(value)
-        if result is None:
-            self._fail(name, "value is not a valid integer", "type_error.integer")
-            return default
-        return result
-
-    def number(self, name: str, default: float) -> float:
-        value = self.body.get(name, default)
-        if value is None:
-            return default
-        result = _as_float(value)
-        if result is None:
-            self._fail(name, "value is not a valid float", "type_error.float")
-            return default
-        return result
-
-    def boolean(self, name: str, default: bool) -> bool:
-        value = self.body.get(name, default)
-        if value is None:
-            self._fail(name, "none is not an allowed value", "type_error.none.not_allowed")
-            return default
-        result = parse_bool(value)
-        if result is None:
-            self._fail(name, "value could not be parsed to a boolean", "type_error.bool")
-            return default
-        return result
-
-    def string(self, name: str) -> str | None:
-        value = self.body.get(name)
-        if value is None or isinstance(value, str):
-            return value
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return str(value)
-        self._fail(name, "str type expected", "type_error.str")
-        return None
-
-    def image_list(self, name: str) -> int:
-        value = self.body.get(name)
-        if value is None:
-            return 0
-        if not isinstance(value, list):
-            self._fail(name, "value is not a valid list", "type_error.list")
-            return 0
-        if not value:
-            self._fail(name, "ensure this value has at least 1 items", "value_error.list.min_items")
-            return 0
-        for index, item in enumerate(value):
-            if not isinstance(item, str):
-                self.errors.append(
-                    validation_error(["body", name, index], "str type expected", "type_error.str")
-                )
-        return len(value)
-
-
-def _as_int(value: Any) -> int | None:
-    if isinstance(value, bool):
-        return int(value)
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float):
-        return int(value) if math.isfinite(value) else None
-    if isinstance(value, str):
-        try:
-            return int(value.strip())
-        except ValueError:
-            return None
-    return None
-
-
-def _as_float(value: Any) -> float | None:
-    if isinstance(value, int | float):
-        result = float(value)
-    elif isinstance(value, str):
-        try:
-            result = float(value.strip())
-        except ValueError:
-            return None
-    else:
-        return None
-    return result if math.isfinite(result) else None
-
-
-_TRUE = {"1", "on", "t", "true", "y", "yes"}
-_FALSE = {"0", "off", "f", "false", "n", "no"}
+def _image_list(read: ModelRead, body: dict[str, Any]) -> int:
+    """How many init images: a non-empty list of strings (base64 or data URIs)."""
+    value = body.get("init_images")
+    if value is None or not read.ok("init_images"):
+        return 0
+    loc: Loc = ["body", "init_images"]
+    if not value:
+        message = "ensure this value has at least 1 items"
+        read.fail("init_images", validation_error(loc, message, "value_error.list.min_items"))
+        return 0
+    bad = [index for index, item in enumerate(value) if not isinstance(item, str)]
+    if bad:
+        read.fail("init_images", *(type_error([*loc, index], "str") for index in bad))
+    return len(value)
 
 
 def parse_bool(value: Any) -> bool | None:
     """A boolean as pydantic 1 reads one ("yes", 1, "false"...), or None when it is not one."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str):
-        lowered = value.strip().lower()
-        if lowered in _TRUE:
-            return True
-        if lowered in _FALSE:
-            return False
-    return None
+    try:
+        return bool(coerce("bool", value))
+    except webui_model.InvalidValue:
+        return None

@@ -15,7 +15,7 @@ from sdproxy.fakewebui.catalog import (
     sampling_schedule,
 )
 from sdproxy.fakewebui.infotext import Generation, seed_lists
-from sdproxy.fakewebui.model import WebuiError
+from sdproxy.fakewebui.model import WebuiError, check_torch_seeds
 
 
 def apply_overrides(
@@ -165,6 +165,7 @@ def plan_job(
     if width <= 0 or height <= 0:
         raise WebuiError(500, "RuntimeError", errors="width and height must be positive")
     all_seeds, all_subseeds = seed_lists(seed, subseed, strength, total)
+    check_torch_seeds(all_seeds, all_subseeds, strength)
     extra: dict[str, Any] = {}
     digests: list[bytes | None] = [None] * batch
     first_steps, hr_steps, hr_size = steps, None, (width, height)

@@ -1,4 +1,4 @@
-"""``python -m sdproxy.healthcheck``: the container HEALTHCHECK, stdlib only, no curl needed.
+"""``python -m sdproxy.ops.healthcheck``: the container HEALTHCHECK, stdlib only, no curl needed.
 
 Exits 0 when sdproxy answers ``GET /cluster/status`` on this machine, 1 otherwise. The port is
 the one sdproxy listens on: ``SDPROXY_SERVER__PORT``, else ``[server] port`` of the config file

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from sdproxy.logs import request_id_var
+from sdproxy.logs import RateLimitedLog, request_id_var
 from sdproxy.ops.metrics import Metrics
 
 log = logging.getLogger("sdproxy.access")
@@ -118,3 +118,37 @@ def _log_line(
     }
     text = " ".join(f"{key}={value}" for key, value in fields.items() if value != "")
     log.log(level, "%s", text, extra={"fields": fields})
+
+
+BAD_REQUEST_ROUTE = "bad-request"  # the route label of requests aiohttp could not parse
+
+
+class BadRequestLog:
+    """Requests whose head could not be parsed: an access line without headers, rate-limited.
+
+    aiohttp would log each with a traceback and the offending header line, credentials and
+    all; here a line names only the kind of error and the status, at most once per kind and
+    interval, with a count of the others.
+    """
+
+    def __init__(
+        self,
+        metrics: Metrics | None,
+        interval_s: float = 10.0,
+        schedule: Callable[[float, Callable[[], None]], object] | None = None,
+    ) -> None:
+        self._metrics = metrics
+        self._lines = RateLimitedLog(log, interval_s, schedule=schedule)
+
+    def note(self, error: str, status: int) -> None:
+        """One request refused with ``status`` because of ``error`` (an exception class name)."""
+        if self._metrics is not None:
+            self._metrics.observe_request("-", BAD_REQUEST_ROUTE, status, 0.0)
+        fields: dict[str, object] = {
+            "method": "-",
+            "route": BAD_REQUEST_ROUTE,
+            "status": status,
+            "error": error,
+        }
+        text = " ".join(f"{key}={value}" for key, value in fields.items())
+        self._lines.log(error, logging.INFO, text, fields)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -16,15 +17,22 @@ from sdproxy.config import Settings
 from sdproxy.errors import SdproxyError, webui_error_body
 from sdproxy.ops.autosave import Autosaver
 from sdproxy.ops.metrics import Metrics
-from sdproxy.server import admin, generation, openapi, webui
+from sdproxy.server import admin, docs, generation, openapi, running, webui
 from sdproxy.server.accesslog import make_access_middleware
 from sdproxy.server.auth import auth_middleware
-from sdproxy.server.bodies import body_limit_middleware, body_too_large, json_response
+from sdproxy.server.bodies import (
+    body_limit_middleware,
+    body_too_large,
+    defer_expect_continue,
+    json_response,
+)
 from sdproxy.server.dashboard import cluster_page
+from sdproxy.server.drain import Drain, drain_key
 from sdproxy.server.keys import (
     autosave_key,
     benchmarker_key,
     cluster_key,
+    image_gate_key,
     metrics_key,
     session_key,
     settings_key,
@@ -119,11 +127,13 @@ async def _autosave(app: web.Application) -> AsyncIterator[None]:
 def create_app(settings: Settings) -> web.Application:
     """The sdproxy application for ``settings``; resources open when it starts."""
     metrics = Metrics()  # one registry per app: tests run many apps in one process
+    drain = Drain(settings.server.shutdown_grace_s)
     app = web.Application(
         # The access log is outermost: it sees the status the error middleware answered, and
         # the error middleware answers what the ones inside it raise.
         middlewares=[
             make_access_middleware(metrics),
+            drain.middleware,  # a request still running after the shutdown grace: 503
             error_middleware,
             auth_middleware(settings.server),
             body_limit_middleware(settings.server),
@@ -132,11 +142,15 @@ def create_app(settings: Settings) -> web.Application:
     )
     app[settings_key] = settings
     app[metrics_key] = metrics
+    app[drain_key] = drain
+    app.on_shutdown.append(drain.stop)
+    app[image_gate_key] = asyncio.Semaphore(settings.server.image_decode_threads)
     app.cleanup_ctx.append(_client_session)
     app.cleanup_ctx.append(_cluster)
     app.cleanup_ctx.append(_benchmarks)
     app.cleanup_ctx.append(_autosave)
     add_routes(app)
+    defer_expect_continue(app)  # 100 Continue only once the body is wanted
     log.debug("sdproxy %s app created for %d nodes", __version__, len(settings.nodes))
     return app
 
@@ -151,5 +165,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/cluster", cluster_page)
     app.router.add_get("/metrics", admin.prometheus_metrics)
     webui.add_webui_routes(app)
+    running.add_running_routes(app)
     app.router.add_get("/openapi.json", openapi.openapi_json, allow_head=False)
+    docs.add_docs_routes(app)
     app.router.add_post("/cluster/benchmark", admin.cluster_benchmark)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 from aiohttp import web
 
@@ -17,3 +19,4 @@ cluster_key = web.AppKey("cluster", Cluster)
 benchmarker_key = web.AppKey("benchmarker", Benchmarker)
 metrics_key = web.AppKey("metrics", Metrics)
 autosave_key = web.AppKey("autosave", Autosaver)
+image_gate_key = web.AppKey("image_gate", asyncio.Semaphore)  # init images decoded at once

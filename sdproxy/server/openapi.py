@@ -1,58 +1,96 @@
 """GET /openapi.json: an OpenAPI 3 document of the routes this sdproxy serves.
 
-The paths come from the application's router, so the document lists exactly what is served;
-the generation bodies list the fields sdproxy itself validates (every other webui field is
-accepted and passed to the nodes, hence ``additionalProperties``).
+The paths come from the application's router, so the document lists what is served: every
+route, templated ones (``/cluster/nodes/{name}/...``) with their path parameters, except the
+extension routes, which forward any path under a prefix and are named in ``info.description``;
+the generation bodies are the webui's request models from the table sdproxy parses them with
+(``core/webui_model.py``), with sdproxy's bounds; fields of extensions or forks the table does not
+know are passed to the nodes, hence ``additionalProperties``.
 """
 
 from __future__ import annotations
 
 import inspect
+import re
+from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import web
 
 from sdproxy import __version__
+from sdproxy.config import ServerSettings
+from sdproxy.core import webui_model
+from sdproxy.core.request import SEED_MAX, SEED_MIN
 from sdproxy.server.bodies import json_response
 from sdproxy.server.keys import settings_key
 
 _ERROR = {"$ref": "#/components/schemas/WebuiError"}
 _JSON: dict[str, Any] = {}  # any JSON value: the node's own answer, passed on
 
-_BASE_FIELDS: dict[str, Any] = {
-    "prompt": {"type": "string", "default": ""},
-    "negative_prompt": {"type": "string", "default": ""},
-    "seed": {"type": "integer", "nullable": True, "default": -1},
-    "subseed": {"type": "integer", "nullable": True, "default": -1},
-    "subseed_strength": {"type": "number", "nullable": True, "default": 0},
-    "batch_size": {"type": "integer", "minimum": 1, "nullable": True, "default": 1},
-    "n_iter": {"type": "integer", "minimum": 1, "nullable": True, "default": 1},
-    "steps": {"type": "integer", "minimum": 1, "nullable": True, "default": 50},
-    "width": {"type": "integer", "minimum": 1, "nullable": True, "default": 512},
-    "height": {"type": "integer", "minimum": 1, "nullable": True, "default": 512},
-    "send_images": {"type": "boolean", "default": True},
-    "save_images": {"type": "boolean", "default": False},
-    "script_name": {"type": "string", "nullable": True},
-    "override_settings": {"type": "object", "nullable": True, "additionalProperties": True},
+_TYPES: dict[str, dict[str, Any]] = {
+    "int": {"type": "integer"},
+    "float": {"type": "number"},
+    "str": {"type": "string"},
+    "bool": {"type": "boolean"},
+    "list": {"type": "array", "items": {}},
+    "list_str": {"type": "array", "items": {"type": "string"}},
+    "dict": {"type": "object", "additionalProperties": True},
+    "dict_str": {"type": "object", "additionalProperties": True},
 }
 
+
+def _bounds(server: ServerSettings) -> dict[str, dict[str, Any]]:
+    """sdproxy's own bounds on top of the webui's model (core/request.py, core/hires.py)."""
+    sizes = {"minimum": 1}
+    return {
+        "seed": {"minimum": SEED_MIN, "maximum": SEED_MAX},
+        "subseed": {"minimum": SEED_MIN, "maximum": SEED_MAX},
+        "batch_size": {"minimum": 1, "maximum": server.max_images_per_request},
+        "n_iter": {"minimum": 1, "maximum": server.max_images_per_request},
+        "steps": {"minimum": 1, "maximum": server.max_steps},
+        "width": {**sizes, "maximum": server.max_width},
+        "height": {**sizes, "maximum": server.max_height},
+        "firstphase_width": {"minimum": 0, "maximum": server.max_width},
+        "firstphase_height": {"minimum": 0, "maximum": server.max_height},
+        "hr_second_pass_steps": {"maximum": server.max_steps},
+        "hr_resize_x": {"maximum": server.max_width},
+        "hr_resize_y": {"maximum": server.max_height},
+        "init_images": {"items": {"type": "string"}, "minItems": 1},
+    }
+
+
+def request_schema(
+    fields: Sequence[webui_model.FieldSpec], server: ServerSettings, what: str
+) -> dict[str, Any]:
+    """The webui's request model as a schema, from the table sdproxy parses bodies with."""
+    bounds = _bounds(server)
+    properties: dict[str, Any] = {}
+    for spec in fields:
+        schema = {**_TYPES[spec.kind], **bounds.get(spec.name, {})}
+        nullable = spec.nullable and not spec.needed  # null where processing needs it: 422
+        if nullable:
+            schema["nullable"] = True
+        if spec.default is not webui_model.REQUIRED and (spec.default is not None or nullable):
+            schema["default"] = spec.default
+        properties[spec.name] = schema
+    return {
+        "type": "object",
+        "description": f"A webui {what} body; other fields go to the nodes unchanged.",
+        "properties": properties,
+        "additionalProperties": True,
+    }
+
+
+def request_schemas(server: ServerSettings) -> dict[str, Any]:
+    img2img = request_schema(webui_model.IMG2IMG_FIELDS, server, "img2img")
+    img2img["required"] = ["init_images"]  # without them: 404 "Init image not found"
+    return {
+        "Txt2ImgRequest": request_schema(webui_model.TXT2IMG_FIELDS, server, "txt2img"),
+        "Img2ImgRequest": img2img,
+    }
+
+
 SCHEMAS: dict[str, Any] = {
-    "Txt2ImgRequest": {
-        "type": "object",
-        "description": "A webui txt2img body; fields not listed go to the nodes unchanged.",
-        "properties": _BASE_FIELDS,
-        "additionalProperties": True,
-    },
-    "Img2ImgRequest": {
-        "type": "object",
-        "description": "A webui img2img body; fields not listed go to the nodes unchanged.",
-        "properties": {
-            **_BASE_FIELDS,
-            "init_images": {"type": "array", "items": {"type": "string"}, "minItems": 1},
-        },
-        "required": ["init_images"],
-        "additionalProperties": True,
-    },
     "GenerationResponse": {
         "type": "object",
         "properties": {
@@ -190,23 +228,34 @@ def _operation(path: str, method: str, handler: Any) -> dict[str, Any]:
 
 
 def build_document(app: web.Application) -> dict[str, Any]:
-    """The OpenAPI 3.0 document of ``app``'s fixed routes."""
+    """The OpenAPI 3.0 document of ``app``'s routes."""
     paths: dict[str, dict[str, Any]] = {}
+    prefixes = tuple(f"/{p}/" for p in app[settings_key].api.extension_prefixes)
     for route in app.router.routes():
         method = route.method.lower()
         path = route.resource.canonical if route.resource is not None else None
-        if method in ("head", "*") or path is None or "{" in path:
+        if method in ("head", "*") or path is None or path.startswith(prefixes):
             continue  # extension routes forward any method and path: listed in info
-        paths.setdefault(path, {})[method] = _operation(path, method, route.handler)
-    prefixes = ", ".join(f"/{p}/..." for p in app[settings_key].api.extension_prefixes)
+        operation = _operation(path, method, route.handler)
+        names = re.findall(r"\{(\w+)\}", path)
+        if names:
+            operation["parameters"] = [
+                *operation.get("parameters", []),
+                *(
+                    {"name": n, "in": "path", "required": True, "schema": {"type": "string"}}
+                    for n in names
+                ),
+            ]
+        paths.setdefault(path, {})[method] = operation
     description = "One Stable Diffusion webui API in front of many webui nodes."
     if prefixes:
-        description += f" Extension routes forwarded to a node: {prefixes}."
+        forwarded = ", ".join(f"{p}..." for p in prefixes)
+        description += f" Extension routes forwarded to a node: {forwarded}."
     return {
         "openapi": "3.0.3",
         "info": {"title": "sdproxy", "version": __version__, "description": description},
         "paths": dict(sorted(paths.items())),
-        "components": {"schemas": SCHEMAS},
+        "components": {"schemas": {**request_schemas(app[settings_key].server), **SCHEMAS}},
     }
 
 

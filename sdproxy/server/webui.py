@@ -1,8 +1,8 @@
 """The webui API beyond txt2img/img2img, made right for a cluster.
 
 Reads that say what the cluster can do are merged over the healthy nodes; writes that concern
-every node are sent to all of them; interrupt, skip and progress concern the nodes working for
-sdproxy's running requests; the rest is one node's work (reference section 1 has the table).
+every node are sent to all of them; the rest is one node's work (reference section 1 has the
+table). Interrupt, skip and progress, which concern the running requests, are in running.py.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from sdproxy.cluster.scheduler import Cluster
+from sdproxy.core.extension_paths import extension_path
 from sdproxy.core.imageurls import any_url_errors
 from sdproxy.core.inventory import (
     intersect_named,
@@ -21,8 +22,6 @@ from sdproxy.core.inventory import (
     redact_flags,
     union_named,
 )
-from sdproxy.core.progress import NodeProgress, aggregate_progress, idle_progress
-from sdproxy.core.request import parse_bool
 from sdproxy.errors import (
     NoNodeAvailable,
     NotSupported,
@@ -237,68 +236,6 @@ async def set_options(request: web.Request) -> web.Response:
     return json_response(None)
 
 
-# --- the running requests ------------------------------------------------------------------------
-
-
-async def _tell(request: web.Request, nodes: list[str], path: str) -> None:
-    answers, errors = await _cluster(request).tell(nodes, path)
-    if errors:
-        raise combined_error(f"POST {path}", errors, answered=len(answers))
-
-
-async def interrupt(request: web.Request) -> web.Response:
-    """POST /sdapi/v1/interrupt: the running requests stop and return what is finished."""
-    await _tell(request, _cluster(request).interrupt_running(), "interrupt")
-    return json_response({})
-
-
-async def skip(request: web.Request) -> web.Response:
-    """POST /sdapi/v1/skip: the nodes working for running requests skip their current batch."""
-    nodes = [node for node, _ in _cluster(request).running_jobs()]
-    await _tell(request, nodes, "skip")
-    return json_response(None)
-
-
-async def progress(request: web.Request) -> web.Response:
-    """GET /sdapi/v1/progress over the nodes working for the running requests."""
-    raw = request.query.get("skip_current_image", "false")
-    skip_image = parse_bool(raw)
-    if skip_image is None:
-        raise RequestValidationError(
-            [
-                validation_error(
-                    ["query", "skip_current_image"],
-                    "value could not be parsed to a boolean",
-                    "type_error.bool",
-                )
-            ]
-        )
-    running = _cluster(request).running_jobs()
-    if not running:
-        return json_response(idle_progress())
-    runs = {job.run for _, job in running}
-    params = {"skip_current_image": "true" if skip_image else "false"}
-    timeout_s = _read_timeout_s(request)
-    cluster = _cluster(request)
-    answers, _ = await call_each(
-        [cluster.clients[node] for node, _ in running],
-        lambda c: c.request("GET", "sdapi/v1/progress", params=params, timeout_s=timeout_s),
-        cluster.note_failure,
-    )
-    nodes = [NodeProgress(job.images, _dict_or_none(answers.get(node))) for node, job in running]
-    total = sum(run.request.total_images for run in runs)
-    # Images still to come (rendering or queued) are the run's remaining ones.
-    done = sum(run.request.total_images - max(run.remaining, 0) for run in runs)
-    body = aggregate_progress(
-        nodes, done_images=max(done, 0), total_images=total, skip_current_image=skip_image
-    )
-    return json_response(body)
-
-
-def _dict_or_none(value: Any) -> dict[str, Any] | None:
-    return value if isinstance(value, dict) else None
-
-
 # --- one node's work ----------------------------------------------------------------------------
 
 
@@ -327,11 +264,19 @@ def one_node_post(path: str) -> Handler:
 
 
 async def extension(request: web.Request) -> web.Response:
-    """An extension's own route (e.g. /controlnet/model_list), forwarded to one node."""
+    """An extension's own route (e.g. /controlnet/model_list), forwarded to one node.
+
+    A path with a dot segment, or an encoded slash or backslash, is refused with FastAPI's 404
+    (what a webui answers for a path it has no route for) before its body is read.
+    """
+    resource = request.match_info.route.resource
+    prefix = resource.canonical.split("/")[1] if resource is not None else ""
+    path = extension_path(request.raw_path, prefix)
+    if path is None:
+        raise web.HTTPNotFound()
     raw = await read_body(request)
     body = await read_json(request) if raw.strip() else None
     refuse_urls(request, body)
-    path = request.path.lstrip("/")
     params = dict(request.query)
     timeout_s = request.app[settings_key].scheduler.share_timeout_floor_s
     answer = await _first(
@@ -362,12 +307,9 @@ def add_webui_routes(app: web.Application) -> None:
         router.add_get(f"/sdapi/v1/{path}", merged_get(path, merge), allow_head=False)
     for path in ONE_NODE_GETS:
         router.add_get(f"/sdapi/v1/{path}", one_node_get(path), allow_head=False)
-    router.add_get("/sdapi/v1/progress", progress, allow_head=False)
     router.add_post("/sdapi/v1/options", set_options)
     for path in FAN_OUT_POSTS:
         router.add_post(f"/sdapi/v1/{path}", fan_out_post(path))
-    router.add_post("/sdapi/v1/interrupt", interrupt)
-    router.add_post("/sdapi/v1/skip", skip)
     for path in ONE_NODE_POSTS:
         router.add_post(f"/sdapi/v1/{path}", one_node_post(path))
     for kind in ("embedding", "hypernetwork"):

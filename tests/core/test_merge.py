@@ -14,6 +14,9 @@ from hypothesis import strategies as st
 from sdproxy.core.answers import Asked, read_part
 from sdproxy.core.merge import Part, dump_info, merge_parts, with_grid
 from sdproxy.core.request import GenerationRequest, Seeds, parse_generation
+from sdproxy.fakewebui.infotext import seed_lists
+from sdproxy.fakewebui.pixels import b64_png, render_image, render_png
+from tests.support import pixels
 
 
 def image(name: object) -> str:
@@ -188,13 +191,163 @@ class TestInterrupted:
         if not parts:
             return
         merged = merge_parts(req, Seeds(500, 9), parts, partial=True)
-        finished = [k for part in parts for k in range(part.start, part.start + part.count)]
+        finished = sorted(k for part in parts for k in range(part.start, part.start + part.count))
+        order = finished + [k for k in range(total) if k not in finished]
         assert merged.images == [image(k) for k in finished]
-        assert merged.info["all_seeds"] == full["all_seeds"]
-        assert merged.info["all_subseeds"] == full["all_subseeds"]
+        assert merged.info["all_seeds"] == [full["all_seeds"][k] for k in order]
+        assert merged.info["all_subseeds"] == [full["all_subseeds"][k] for k in order]
+        assert merged.info["seed"] == merged.info["all_seeds"][0]
         assert len(merged.info["all_prompts"]) == total
         if finished:
             assert merged.info["infotexts"] == [full["infotexts"][k] for k in finished]
         else:
             assert len(merged.info["infotexts"]) == 1
         assert merged.rendered == len(finished)
+
+
+def image_inputs(seed: int, subseed: int, strength: float, prompt: str) -> dict[str, Any]:
+    """What the fake webui renders one image from: its own seed, subseed and prompt."""
+    return {
+        "seed": seed,
+        "subseed": subseed,
+        "subseed_strength": strength,
+        "prompt": prompt,
+        "width": 8,
+        "height": 8,
+        "init_image_digest": None,
+    }
+
+
+def rendered_answer(
+    seed: int, subseed: int, strength: float, prompts: list[str], start: int, asked: int, done: int
+) -> dict[str, Any]:
+    """A node's answer for images start..start+asked-1, interrupted after ``done``, real pixels.
+
+    Prompts differ per image (as a wildcard extension makes them), so a wrong pairing of
+    images with all_prompts shows as well as one with all_seeds.
+    """
+    seeds, subseeds = seed_lists(seed, subseed, strength, len(prompts))
+    ks = range(start, start + asked)
+    texts = [f"{prompts[k]}, Seed: {seeds[k]}, Variation seed: {subseeds[k]}" for k in ks]
+    images = [
+        b64_png(render_png(**image_inputs(seeds[k], subseeds[k], strength, prompts[k]), infotext=t))
+        for k, t in zip(ks[:done], texts, strict=False)
+    ]
+    info = {
+        "prompt": prompts[start],
+        "all_prompts": [prompts[k] for k in ks],
+        "negative_prompt": f"not {prompts[start]}",
+        "all_negative_prompts": [f"not {prompts[k]}" for k in ks],
+        "seed": seeds[start],
+        "all_seeds": [seeds[k] for k in ks],
+        "subseed": subseeds[start],
+        "all_subseeds": [subseeds[k] for k in ks],
+        "subseed_strength": strength,
+        "batch_size": asked,
+        "index_of_first_image": 0,
+        # As the webui: one infotext when no image was finished.
+        "infotexts": texts[: max(done, 1)],
+    }
+    return {"images": images, "parameters": {}, "info": dump_info(info)}
+
+
+class TestInterruptedPairing:
+    """After an interrupt, entry i of every per-image list describes images[i]."""
+
+    @given(
+        data=st.data(),
+        total=st.integers(2, 12),
+        strength=st.sampled_from([0.0, 0.5]),
+    )
+    def test_merge_partial_pairs_each_image_with_its_seed_and_prompt(
+        self, data: st.DataObject, total: int, strength: float
+    ) -> None:
+        """zip(images, all_seeds, all_subseeds, all_prompts) re-renders each image exactly."""
+        prompts = [f"owl {k}" for k in range(total)]
+        req = request(batch_size=1, n_iter=total, seed=-1, subseed_strength=strength)
+        parts = []
+        for i, (start, count) in enumerate(data.draw(cuts(total), label="pieces")):
+            if data.draw(st.booleans(), label=f"piece {i} answered"):
+                done = data.draw(st.integers(0, count), label=f"piece {i} done")
+                answer = rendered_answer(200, 50, strength, prompts, start, count, done)
+                parts.append(part_of(f"n{i}", start, count, answer, allow_short=True))
+        if not parts:
+            return
+        merged = merge_parts(req, Seeds(200, 50), parts, partial=True)
+        info = merged.info
+        rendered = merged.rendered
+        assert len(merged.images) == rendered == sum(part.count for part in parts)
+        for i, image in enumerate(merged.images):
+            seed, subseed, prompt = (
+                info["all_seeds"][i],
+                info["all_subseeds"][i],
+                info["all_prompts"][i],
+            )
+            clean = render_image(**image_inputs(seed, subseed, strength, prompt))
+            assert pixels(image) == clean.tobytes(), f"image {i} is not seed {seed}'s"
+            assert info["infotexts"][i] == f"{prompt}, Seed: {seed}, Variation seed: {subseed}"
+            assert info["all_negative_prompts"][i] == f"not {prompt}"
+        # Every image of the request keeps its entry: rendered ones first, then the rest, each
+        # group in seed order (subseeds count up in both modes, so they name the image).
+        seeds, subseeds = seed_lists(200, 50, strength, total)
+        ks = [subseeds.index(s) for s in info["all_subseeds"]]
+        assert sorted(ks) == list(range(total))
+        assert ks[:rendered] == sorted(ks[:rendered])
+        assert ks[rendered:] == sorted(ks[rendered:])
+        assert info["all_seeds"] == [seeds[k] for k in ks]
+        for key in ("all_prompts", "all_negative_prompts"):
+            assert len(info[key]) == total
+        assert (info["seed"], info["subseed"]) == (info["all_seeds"][0], info["all_subseeds"][0])
+        assert merged.shares[-1][2] == rendered - 1 if rendered else merged.shares == []
+
+    @given(total=st.integers(1, 10), data=st.data())
+    def test_merge_partial_one_node_is_the_webuis_answer(
+        self, total: int, data: st.DataObject
+    ) -> None:
+        """One node interrupted after k images: its lists come back exactly as it sent them."""
+        done = data.draw(st.integers(0, total), label="done")
+        prompts = [f"owl {k}" for k in range(total)]
+        answer = rendered_answer(7, 3, 0.0, prompts, 0, total, done)
+        part = part_of("only", 0, total, answer, allow_short=True)
+        req = request(batch_size=1, n_iter=total, seed=7, subseed=3)
+        merged = merge_parts(req, Seeds(7, 3), [part], partial=True)
+        sent = json.loads(answer["info"])
+        for key in (
+            "all_seeds",
+            "all_subseeds",
+            "all_prompts",
+            "all_negative_prompts",
+            "infotexts",
+        ):
+            assert merged.info[key] == sent[key]
+        assert merged.images == answer["images"]
+
+    def test_merge_partial_issue_example(self) -> None:
+        """seed=200, 12 images on two nodes, 0-2 and 6-8 done: seeds 200-202, 206-208 first."""
+        prompts = ["cat"] * 12
+        parts = [
+            part_of("a", 0, 6, rendered_answer(200, 1, 0, prompts, 0, 6, 3), allow_short=True),
+            part_of("b", 6, 6, rendered_answer(200, 1, 0, prompts, 6, 6, 3), allow_short=True),
+        ]
+        req = request(batch_size=1, n_iter=12, seed=200)
+        merged = merge_parts(req, Seeds(200, 1), parts, partial=True)
+        seeds = [200, 201, 202, 206, 207, 208, 203, 204, 205, 209, 210, 211]
+        assert merged.info["all_seeds"] == seeds
+        assert [t.split("Seed: ")[1].split(",")[0] for t in merged.info["infotexts"]] == [
+            str(s) for s in seeds[:6]
+        ]
+        assert merged.shares == [("a", 0, 2), ("b", 3, 5)]
+
+
+class TestShares:
+    """Merged.shares names one range per node run, over the response's image positions."""
+
+    def test_shares_merge_a_nodes_adjacent_requests(self) -> None:
+        """A node's range sent as full batches plus a rest (0-3, 4-4) is one share, 0-4."""
+        full = single_node_info(7, 1, 1, 0)
+        parts = [
+            part_of(node, start, count, node_answer(full, start, count, False))
+            for node, start, count in [("fast", 0, 4), ("fast", 4, 1), ("slow", 5, 2)]
+        ]
+        merged = merge_parts(request(batch_size=7), Seeds(1, 1), parts)
+        assert merged.shares == [("fast", 0, 4), ("slow", 5, 6)]

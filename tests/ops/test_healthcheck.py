@@ -55,7 +55,7 @@ class TestConfiguredPort:
 
 
 class TestHealthcheckCommand:
-    """`python -m sdproxy.healthcheck` exits 0 while sdproxy serves and 1 once it stopped."""
+    """`python -m sdproxy.ops.healthcheck` exits 0 while sdproxy serves and 1 once it stopped."""
 
     async def test_healthcheck_against_env_only_server(self) -> None:
         """`sdproxy serve` configured by the environment alone passes; stopped, it fails."""

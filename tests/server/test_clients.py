@@ -161,7 +161,7 @@ class TestWebuiapiCalls:
             assert await asyncio.to_thread(api.interrupt) == {}
             result = await pending
             assert len(result.images) == 2
-            assert result.info["all_seeds"] == [7, 8, 9, 10]
+            assert result.info["all_seeds"] == [7, 9, 8, 10]  # rendered first: images[i]'s
             assert len(result.info["infotexts"]) == 2
             await asyncio.to_thread(api.util_wait_for_ready, 0.05)
             idle = await asyncio.to_thread(api.get_progress)

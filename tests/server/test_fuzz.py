@@ -1,10 +1,17 @@
-"""Fuzzing a running sdproxy: arbitrary bodies, headers and queries never cause a 5xx or a hang."""
+"""Fuzzing a running sdproxy: arbitrary bodies, headers and queries never cause a 5xx or a hang.
+
+Each fuzz test runs under several fixed hypothesis seeds (FUZZ_SEEDS), so CI explores more than
+one corner and a failure names the seed that reproduces it; examples found by earlier runs are
+pinned with ``@example``.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import base64
+import gzip
+import json
 import threading
+import zlib
 from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -14,20 +21,33 @@ import aiohttp
 import pytest
 import schemathesis
 from aiohttp import web
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, seed, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.core.result import Ok
+from yarl import URL
 
 from sdproxy.config import Settings
 from sdproxy.fakewebui import FakeNodeSettings
 from sdproxy.server.app import create_app
 from sdproxy.server.site import connection_limits, start_site
+from tests.fuzzing import (
+    GOOD_AUTH,
+    PASSWORD,
+    SEED_MAX,
+    VALID,
+    bodies,
+    encodings,
+    extension_paths,
+    generation_bodies,
+    headers,
+    methods,
+    queries,
+)
 from tests.support import bound_port, fake_nodes
 
-PASSWORD = "fuzz-password-1"
-GOOD_AUTH = "Basic " + base64.b64encode(f"fuzz:{PASSWORD}".encode()).decode()
 CLIENT_TIMEOUT_S = 60  # a hang, not a slow machine, should trip this
+FUZZ_SEEDS = [0, 6, 2026]  # 6: the seed that once wedged a lane (a null height, a huge seed)
 # Small bounds, so that every request the fuzzer makes valid renders quickly on the fake node.
 SERVER = {
     "port": 0,
@@ -37,14 +57,6 @@ SERVER = {
     "max_images_per_request": 4,
     "max_body_mb": 1,
 }
-FIELDS = [
-    "prompt", "negative_prompt", "batch_size", "n_iter", "seed", "subseed", "subseed_strength",
-    "steps", "width", "height", "send_images", "save_images", "script_name", "script_args",
-    "init_images", "mask", "alwayson_scripts", "override_settings", "enable_hr", "hr_scale",
-    "hr_resize_x", "hr_resize_y", "sampler_name", "scheduler", "cfg_scale", "denoising_strength",
-    "styles", "infotext", "force_task_id", "include_init_images", "resize_mode",
-]  # fmt: skip
-PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGNgYGAAAAAEAAH2FzhVAAAAAElFTkSuQmCC"
 
 
 @dataclass
@@ -103,74 +115,32 @@ def target() -> Iterator[Target]:
         thread.join(timeout=CLIENT_TIMEOUT_S)
 
 
-json_scalars = st.one_of(
-    st.none(),
-    st.booleans(),
-    st.integers(min_value=-2, max_value=70),
-    st.integers(min_value=-(2**70), max_value=2**70),
-    st.floats(allow_nan=False, allow_infinity=False),
-    st.text(max_size=20),
-    st.sampled_from([PNG, "data:image/png;base64," + PNG, "http://10.0.0.1/x.png", "-1", "1"]),
-)
-json_values = st.recursive(
-    json_scalars,
-    lambda inner: st.one_of(
-        st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)
-    ),
-    max_leaves=12,
-)
-# Half start from a body that works, so that mutations reach the nodes and their errors.
-VALID = {"prompt": "x", "width": 64, "height": 64, "steps": 20, "init_images": [PNG]}
-generation_bodies = st.builds(
-    lambda base, extra: {**base, **extra},
-    st.sampled_from([{}, VALID]),
-    st.dictionaries(
-        st.one_of(st.sampled_from(FIELDS), st.text(max_size=10)), json_values, max_size=5
-    ),
-)
-bodies = st.one_of(
-    generation_bodies.map(lambda d: ("json", d)),
-    st.none(),
-    st.binary(max_size=256),
-    json_values.map(lambda v: ("json", v)),
-)
-header_names = st.sampled_from(
-    ["Authorization", "Content-Type", "Content-Encoding", "Accept", "Expect", "Cookie", "X-Any"]
-    + ["Accept"] * 6  # harmless most of the time, so more requests get past the head
-)
-header_values = st.one_of(
-    st.sampled_from(
-        [
-            GOOD_AUTH,
-            "Basic",
-            "Basic ===",
-            "Bearer fuzz-key-0001",
-            "Bearer",
-            "gzip",
-            "br",
-            "deflate",
-            "100-continue",
-            "application/json",
-            "text/plain; charset=utf-32",
-        ]
-    ),
-    st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=40),
-)
-headers = st.dictionaries(header_names, header_values, max_size=3)
-queries = st.dictionaries(st.text(max_size=10), st.text(max_size=10), max_size=3)
-methods = st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"])
+def _encode(body: Any, encoding: str) -> tuple[bytes, dict[str, str]]:
+    """A JSON body as bytes in ``encoding``, with the headers that say so."""
+    raw = json.dumps(body).encode()
+    if encoding in ("", "x-unknown", "br"):
+        return raw, ({"Content-Encoding": encoding} if encoding else {})
+    packed = gzip.compress(raw) if encoding.startswith("gzip") else zlib.compress(raw)
+    if encoding.endswith("-cut"):
+        packed = packed[: len(packed) // 2]
+    return packed, {"Content-Encoding": encoding.removesuffix("-cut")}
 
 
-async def _send(url: str, method: str, path: str, body: Any, head: Any, query: Any) -> int:
+async def _send(
+    url: str, method: str, path: str, body: Any, head: Any, query: Any, encoding: str = ""
+) -> int:
     timeout = aiohttp.ClientTimeout(total=CLIENT_TIMEOUT_S)
-    kwargs: dict[str, Any] = {"headers": head, "params": query}
+    kwargs: dict[str, Any] = {"headers": dict(head), "params": query}
     if isinstance(body, tuple):
-        kwargs["json"] = body[1]
+        kwargs["data"], extra = _encode(body[1], encoding)
+        kwargs["headers"].update({"Content-Type": "application/json", **extra})
     elif body is not None:
         kwargs["data"] = body
     async with aiohttp.ClientSession(timeout=timeout) as session:
         try:
-            async with session.request(method, f"{url}{path}", **kwargs) as resp:
+            # encoded=True: the path goes out as written, dot segments and escapes included.
+            target = URL(f"{url}{path}", encoded=True)
+            async with session.request(method, target, **kwargs) as resp:
                 await resp.read()
                 return resp.status
         except aiohttp.ClientResponseError as exc:
@@ -179,10 +149,17 @@ async def _send(url: str, method: str, path: str, body: Any, head: Any, query: A
             return exc.status
 
 
+def _no_5xx(status: int, path: str) -> bool:
+    # 501 is sdproxy's deliberate answer to node-local actions (create/*, train/*).
+    node_local = path.startswith(("/sdapi/v1/create/", "/sdapi/v1/train/"))
+    return status < 500 or (status == 501 and node_local)
+
+
 class TestSchemathesis:
     """schemathesis, driven by sdproxy's own /openapi.json: no operation answers 5xx."""
 
-    def test_schema_operations_never_5xx(self, target: Target) -> None:
+    @pytest.mark.parametrize("fuzz_seed", FUZZ_SEEDS[:2])
+    def test_schema_operations_never_5xx(self, target: Target, fuzz_seed: int) -> None:
         """Valid and invalid requests for every documented operation get answers below 500.
 
         schemathesis' pytest plugin does not run under pytest 9 yet, so each operation's
@@ -197,7 +174,8 @@ class TestSchemathesis:
 
         for operation in operations:
 
-            @settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
+            @seed(fuzz_seed)
+            @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
             @given(
                 case=st.one_of(
                     operation.as_strategy(GenerationMode.POSITIVE),
@@ -206,9 +184,7 @@ class TestSchemathesis:
             )
             def check(case: schemathesis.Case[Any]) -> None:
                 response = case.call(base_url=target.open_url, timeout=CLIENT_TIMEOUT_S)
-                status = response.status_code
-                node_local = case.path.startswith(("/sdapi/v1/create/", "/sdapi/v1/train/"))
-                assert status < 500 or (status == 501 and node_local), (
+                assert _no_5xx(response.status_code, case.path), (
                     case.method,
                     case.path,
                     response.text[:500],
@@ -217,45 +193,103 @@ class TestSchemathesis:
             check()
 
 
+# Found by fuzzing; each once hung the cluster or answered 5xx.
+PINNED = [
+    # hypothesis seed 6 (TestSchemathesis): a seed below -2**63 made the node body unencodable
+    # and killed a lane (every later request on it hung); a null height was a node 500.
+    {
+        "height": None,
+        "prompt": "WÑ",
+        "send_images": False,
+        "seed": -384717329275980283904,
+        "batch_size": None,
+        "save_images": True,
+    },
+    {"batch_size": 1, "height": None, "prompt": "WÑ", "seed": 1, "send_images": False},
+    {"seed": SEED_MAX, "batch_size": 2, **VALID},
+    {"width": 4096, "height": 64, "enable_hr": True, "hr_resize_y": 512},
+    {"enable_hr": True, "hr_scale": 1e308},
+]
+
+
 class TestFuzz:
     """Whatever a client sends, sdproxy answers below 500, promptly, and keeps serving."""
 
-    @settings(
-        max_examples=300,
-        deadline=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-    )
-    @given(
-        data=st.data(),
-        body=bodies,
-        head=headers,
-        query=queries,
-        guarded=st.sampled_from([False, False, True]),
-    )
-    def test_fuzz_every_route(
-        self,
-        target: Target,
-        data: st.DataObject,
-        body: Any,
-        head: dict[str, str],
-        query: dict[str, str],
-        guarded: bool,
-    ) -> None:
+    @pytest.mark.parametrize("fuzz_seed", FUZZ_SEEDS)
+    def test_fuzz_every_route(self, target: Target, fuzz_seed: int) -> None:
         """Any method on any route (or near one), any body, headers and query: no 5xx, no hang."""
         generation = [r for r in target.routes if r[1].endswith(("txt2img", "img2img"))]
-        method, path = data.draw(
-            st.one_of(st.sampled_from(generation), st.sampled_from(target.routes))
+
+        @seed(fuzz_seed)
+        @settings(
+            max_examples=100,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
         )
-        method = data.draw(st.one_of(st.just(method), methods))
-        path = data.draw(st.sampled_from([path, path, path, path + "/x", "/sdapi/v1/"]))
-        url = target.guarded_url if guarded else target.open_url
-        if guarded and "Authorization" not in head and data.draw(st.booleans()):
-            head = {**head, "Authorization": GOOD_AUTH}
-        status = asyncio.run(_send(url, method, path, body, head, query))
-        event(f"{method} {path} -> {status}")
-        # 501 is sdproxy's deliberate answer to node-local actions (create/*, train/*).
-        node_local = path.startswith(("/sdapi/v1/create/", "/sdapi/v1/train/"))
-        assert status < 500 or (status == 501 and node_local), (method, path, body, head, query)
+        @given(
+            data=st.data(),
+            body=bodies,
+            head=headers,
+            query=queries,
+            encoding=encodings,
+            guarded=st.sampled_from([False, False, True]),
+        )
+        def check(
+            data: st.DataObject,
+            body: Any,
+            head: dict[str, str],
+            query: dict[str, str],
+            encoding: str,
+            guarded: bool,
+        ) -> None:
+            method, path = data.draw(
+                st.one_of(st.sampled_from(generation), st.sampled_from(target.routes))
+            )
+            method = data.draw(st.one_of(st.just(method), methods))
+            path = data.draw(st.sampled_from([path, path, path, path + "/x", "/sdapi/v1/"]))
+            url = target.guarded_url if guarded else target.open_url
+            if guarded and "Authorization" not in head and data.draw(st.booleans()):
+                head = {**head, "Authorization": GOOD_AUTH}
+            status = asyncio.run(_send(url, method, path, body, head, query, encoding))
+            event(f"{method} {path} -> {status}")
+            assert _no_5xx(status, path), (method, path, body, head, query, encoding)
+
+        check()
+
+    @pytest.mark.parametrize("fuzz_seed", FUZZ_SEEDS)
+    def test_fuzz_generation_bodies(self, target: Target, fuzz_seed: int) -> None:
+        """Generation bodies (seeds at 64-bit edges, hires combinations, deep values, codings)."""
+
+        @seed(fuzz_seed)
+        @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+        @given(
+            kind=st.sampled_from(["txt2img", "img2img"]), body=generation_bodies, encoding=encodings
+        )
+        @example(kind="txt2img", body=PINNED[0], encoding="")
+        @example(kind="txt2img", body=PINNED[1], encoding="")
+        @example(kind="txt2img", body=PINNED[2], encoding="gzip")
+        @example(kind="txt2img", body=PINNED[3], encoding="")
+        @example(kind="txt2img", body=PINNED[4], encoding="deflate")
+        def check(kind: str, body: dict[str, Any], encoding: str) -> None:
+            path, sent = f"/sdapi/v1/{kind}", ("json", body)
+            status = asyncio.run(_send(target.open_url, "POST", path, sent, {}, {}, encoding))
+            event(f"{kind} -> {status}")
+            assert status < 500, (kind, body, encoding)
+
+        check()
+
+    @pytest.mark.parametrize("fuzz_seed", FUZZ_SEEDS)
+    def test_fuzz_extension_paths(self, target: Target, fuzz_seed: int) -> None:
+        """Traversal spellings on an extension route are 404s, whatever the method."""
+
+        @seed(fuzz_seed)
+        @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+        @given(path=extension_paths, method=st.sampled_from(["GET", "POST", "DELETE"]))
+        def check(path: str, method: str) -> None:
+            status = asyncio.run(_send(target.open_url, method, path, None, {}, {}))
+            assert status == 404, (method, path)
+
+        check()
 
     def test_still_serving_after_fuzzing(self, target: Target) -> None:
         """After the fuzzing (same module, runs after it) both proxies answer and nodes are up."""

@@ -7,6 +7,8 @@ import base64
 import io
 import json
 import logging
+import threading
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
@@ -15,6 +17,7 @@ import aiohttp
 import pytest
 from PIL import Image
 
+from sdproxy.core import images
 from sdproxy.fakewebui import FakeNodeSettings, Fault
 from tests.support import SMALL, RunningNode, fake_nodes, post_json, proxy
 
@@ -297,3 +300,96 @@ class TestUrlsOnForwardedRoutes:
             body = {"image": "http://127.0.0.1:1/a.png"}
             status, answer, _ = await post_json(session, f"{url}/sdapi/v1/interrogate", body)
         assert (status, answer.get("detail")) == (422, "Invalid image url")
+
+
+class TestInitImageCost:
+    """Init images are bounded in decoded pixels per request and decoded a few at a time."""
+
+    async def test_request_total_is_bounded_before_decoding(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Three 1 MP images against a 2 MP total: 422 at the third, no pixel decoded."""
+        decoded: list[bytes] = []
+        real = images.check_decodes
+
+        def counting(raw: bytes) -> str | None:
+            decoded.append(raw)
+            return real(raw)
+
+        monkeypatch.setattr(images, "check_decodes", counting)
+        one_mp = png_b64(1000)
+        body = {"init_images": [one_mp] * 3, "batch_size": 3, **SMALL}
+        async with fake_nodes(FakeNodeSettings()) as nodes:
+            server = {"max_input_megapixels": 1, "max_request_megapixels": 2}
+            status, answer, _ = await img2img(nodes, body, **server)
+        assert status == 422
+        (error,) = answer["detail"]
+        assert error["loc"] == ["body", "init_images", 2]
+        assert error["type"] == "value_error.image.total"
+        assert decoded == []
+        assert nodes[0].node.images_rendered == 0
+
+    async def test_decoding_is_bounded_across_requests(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Eight requests at once decode at most image_decode_threads images at a time."""
+        running, peak = 0, 0
+        lock = threading.Lock()
+        real = images.check_decodes
+
+        def counting(raw: bytes) -> str | None:
+            nonlocal running, peak
+            with lock:
+                running += 1
+                peak = max(peak, running)
+            try:
+                time.sleep(0.02)  # inside a worker thread: long enough for requests to overlap
+                return real(raw)
+            finally:
+                with lock:
+                    running -= 1
+
+        monkeypatch.setattr(images, "check_decodes", counting)
+        body = {"init_images": [png_b64(64)], **SMALL}
+        async with (
+            fake_nodes(FakeNodeSettings()) as nodes,
+            proxy(nodes, server={"image_decode_threads": 2}) as url,
+            aiohttp.ClientSession() as session,
+        ):
+            results = await asyncio.gather(
+                *(post_json(session, f"{url}/sdapi/v1/img2img", body) for _ in range(8))
+            )
+        assert [status for status, _, _ in results] == [200] * 8
+        assert 1 <= peak <= 2
+
+
+class TestParseTimeRefusals:
+    """Issue 10's inputs that reached nodes (and wedged or overflowed) are 422s at parse time."""
+
+    @pytest.mark.parametrize(
+        ("body", "field"),
+        [
+            ({"seed": 18446744073709551615, "batch_size": 2}, "seed"),
+            ({"seed": 1e20}, "seed"),
+            ({"subseed": 2**64}, "subseed"),
+            ({"seed": -(2**70)}, "seed"),
+            ({"height": None}, "height"),
+            ({"width": 4096, "height": 64, "enable_hr": True, "hr_resize_y": 512}, "hr_resize_y"),
+            ({"enable_hr": True, "hr_scale": 1e308}, "hr_scale"),
+        ],
+    )
+    async def test_refused_before_any_node(self, body: dict[str, Any], field: str) -> None:
+        """A 422 naming the field, and no node is asked to render anything."""
+        async with (
+            fake_nodes(FakeNodeSettings(name="a"), FakeNodeSettings(name="b")) as nodes,
+            proxy(nodes) as url,
+            aiohttp.ClientSession() as session,
+        ):
+            status, answer, _ = await post_json(
+                session, f"{url}/sdapi/v1/txt2img", {**SMALL, **body}
+            )
+            assert status == 422, answer
+            assert [e["loc"] for e in answer["detail"]] == [["body", field]]
+            assert sum(n.node.requests["POST /sdapi/v1/txt2img"] for n in nodes) == 0
+            status, _, _ = await post_json(session, f"{url}/sdapi/v1/txt2img", SMALL)
+            assert status == 200  # and the cluster still serves

@@ -21,6 +21,7 @@ from tests.support import (
     assert_same_as_one_node,
     fake_nodes,
     free_port,
+    pixels,
     post_json,
     proxy,
     reference_answer,
@@ -366,22 +367,30 @@ class TestRunningRequests:
             )
             _, busy = await get_json(session, f"{url}/sdapi/v1/progress")
             assert 0 < busy["progress"] < 1
-            assert busy["state"]["job_count"] == 6  # each node: one job of 1 image x 3 iterations
+            # The client's 6 batches, though each node runs one job of 1 image x 3 iterations.
+            assert busy["state"]["job_count"] == 6
+            assert busy["state"]["job"] == "Batch 1 out of 6"
             assert busy["current_image"] is not None
             _, no_image = await get_json(session, f"{url}/sdapi/v1/progress?skip_current_image=1")
             assert no_image["current_image"] is None
             status, answer, _ = await post_json(session, f"{url}/sdapi/v1/interrupt", None)
             assert (status, answer) == (200, {})
             status, result, headers = await task
-        assert status == 200, result
-        info = json.loads(result["info"])
+            assert status == 200, result
+            info = json.loads(result["info"])
+            # Each image is its listed seed's: the idle node renders that seed alone the same.
+            for image, seed in zip(result["images"], info["all_seeds"], strict=False):
+                clean = dict(SMALL, seed=seed)
+                _, alone, _ = await post_json(session, f"{nodes[2].url}/sdapi/v1/txt2img", clean)
+                assert pixels(image) == pixels(alone["images"][0])
         assert len(result["images"]) == 2  # the image each node was rendering
-        assert info["all_seeds"] == list(range(100, 106))
-        assert info["infotexts"] == [
-            text for text in info["infotexts"] if "Seed: 100," in text or "Seed: 103," in text
+        # Entry i of every list describes images[i]: rendered seeds first, the rest after.
+        assert info["all_seeds"] == [100, 103, 101, 102, 104, 105]
+        assert [text.split("Seed: ")[1].split(",")[0] for text in info["infotexts"]] == [
+            "100",
+            "103",
         ]
-        assert len(info["infotexts"]) == 2
-        assert headers["X-Sdproxy-Shares"] == "a:0-0,b:3-3"
+        assert headers["X-Sdproxy-Shares"] == "a:0-0,b:1-1"
         assert [calls(node, "POST /sdapi/v1/interrupt") for node in nodes] == [1, 1, 0]
 
     async def test_skip_goes_to_running_nodes_only(self) -> None:
@@ -457,7 +466,7 @@ class TestOpenapi:
     """GET /openapi.json describes what this sdproxy serves."""
 
     async def test_openapi_is_valid_and_lists_every_route(self) -> None:
-        """The document passes an OpenAPI 3 validator and has every fixed route served."""
+        """The document passes an OpenAPI 3 validator and has every route served, templated too."""
         async with (
             fake_nodes(FakeNodeSettings(name="a")) as nodes,
             proxy(nodes) as url,
@@ -474,8 +483,14 @@ class TestOpenapi:
             ("/sdapi/v1/progress", "get"),
             ("/cluster/status", "get"),
             ("/internal/ping", "get"),
+            ("/cluster/nodes/{name}/disable", "post"),
+            ("/cluster/nodes/{name}/enable", "post"),
         ]:
             assert method in paths[path], (path, method)
+        enable = paths["/cluster/nodes/{name}/enable"]["post"]
+        assert {"name": "name", "in": "path"}.items() <= enable["parameters"][0].items()
+        assert not any(path.startswith("/controlnet/") for path in paths)  # named in info
+        assert "/controlnet/..." in document["info"]["description"]
         txt2img = paths["/sdapi/v1/txt2img"]["post"]["requestBody"]["content"]
         assert txt2img["application/json"]["schema"]["$ref"].endswith("/Txt2ImgRequest")
         assert "/sdapi/v1/server-kill" not in paths

@@ -46,11 +46,11 @@ class TestClusterSettings:
     @pytest.mark.parametrize(
         ("text", "message"),
         [
-            (f'redis_url = "http://:{SECRET}@h/0"', "cluster.redis_url: Value error, give a redis"),
+            (f'redis_url = "http://:{SECRET}@h/0"', "cluster: redis_url: give a redis"),
             ('redis_prefix = "a b"', "cluster.redis_prefix: String should match"),
             ('replica_id = "r/1"', "cluster.replica_id: String should match"),
             ("lease_ttl_s = 0.5", "cluster.lease_ttl_s: Input should be greater than or equal"),
-            ("lease_ttl_s = 2\nredis_timeout_s = 1", "cluster: Value error, redis_timeout_s"),
+            ("lease_ttl_s = 2\nredis_timeout_s = 1", "cluster: redis_timeout_s must be at most"),
             ('on_redis_down = "ignore"', "cluster.on_redis_down: Input should be"),
             ("redis_password = 1", "cluster.redis_password: unknown key"),
         ],
