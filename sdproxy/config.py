@@ -243,6 +243,32 @@ class NodeSettings(_Section):
         return str(self.url).rstrip("/")
 
 
+# --- [cluster]: several replicas sharing state in Redis (sdproxy/shared/) ---------------------
+class ClusterSettings(_Section):
+    """Replicas sharing state in Redis; without redis_url, one process with state in memory."""
+
+    redis_url: SecretStr | None = None  # redis://[user:password@]host:6379/0, rediss://, unix://
+    redis_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")] = "sdproxy"
+    replica_id: Annotated[str | None, Field(pattern=r"^[A-Za-z0-9_.:\-]{1,100}$")] = None
+    lease_ttl_s: Annotated[float, Field(ge=1, le=60)] = 5.0
+    redis_timeout_s: Annotated[float, Field(gt=0, le=30)] = 1.0  # at most lease_ttl_s / 3
+    on_redis_down: Literal["local", "refuse"] = "local"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ClusterSettings:
+        # Messages never repeat the URL: it may hold the Redis password.
+        url = self.redis_url.get_secret_value() if self.redis_url else "redis://"
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("redis_url: give a redis://, rediss:// or unix:// URL")
+        if self.redis_timeout_s * 3 > self.lease_ttl_s:  # a renewal must fit in a third
+            raise ValueError("redis_timeout_s must be at most a third of lease_ttl_s")
+        return self
+
+    @property
+    def shared(self) -> bool:
+        return self.redis_url is not None
+
+
 class Settings(BaseSettings):
     """Everything sdproxy is configured with. Environment variables override the file."""
 
@@ -258,6 +284,7 @@ class Settings(BaseSettings):
     benchmark: BenchmarkSettings = BenchmarkSettings()
     api: ApiSettings = ApiSettings()
     autosave: AutosaveSettings = AutosaveSettings()
+    cluster: ClusterSettings = ClusterSettings()
     nodes: Annotated[list[NodeSettings], Field(min_length=1)]
 
     @field_validator("nodes")

@@ -7,11 +7,13 @@ import base64
 import io
 import json
 import os
+import shutil
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -318,3 +320,211 @@ PATH_ESCAPES = [
     "/controlnet/%/x",
     "/controlnet/%c0%ae%c0%ae/sdapi/v1/cmd-flags",  # overlong UTF-8 dots
 ]
+
+
+# --- Redis and replicas (issue 13) ---------------------------------------------------------------
+
+
+def find_redis_server() -> str | None:
+    """The redis-server binary (Debian's package puts it in /usr/bin), or None."""
+    return shutil.which("redis-server") or shutil.which("redis-server", path="/usr/sbin:/sbin")
+
+
+class RedisServer:
+    """A throwaway redis-server on 127.0.0.1: no persistence, stopped and restarted by PID.
+
+    ``stop`` kills it (Redis gone, its data with it, as after a crash of an unpersisted Redis);
+    ``pause`` freezes it (SIGSTOP: connections stay open and nothing answers, as a hung or
+    partitioned Redis); ``start`` again serves on the same port.
+    """
+
+    def __init__(self, binary: str, workdir: Path, *args: str) -> None:
+        self.binary, self.workdir, self.args = binary, workdir, args
+        self.port = 0
+        self.process: asyncio.subprocess.Process | None = None
+        self.log_path = workdir / "redis.log"
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    async def start(self) -> None:
+        """Start on the port used before, or on a free one; wait until it answers PING."""
+        from sdproxy.cli import free_port
+
+        fixed = self.port != 0
+        for _ in range(1 if fixed else 5):  # a free port can be taken before redis binds it
+            self.port = self.port if fixed else free_port()
+            if await self._spawn():
+                return
+        raise RuntimeError(f"redis-server did not start; see {self.log_path}")
+
+    async def _spawn(self) -> bool:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log_file:
+            self.process = await asyncio.create_subprocess_exec(
+                self.binary,
+                "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--daemonize", "no", "--dir", str(self.workdir),
+                "--loglevel", "warning", *self.args,
+                stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+            )  # fmt: skip
+        deadline = asyncio.get_running_loop().time() + 10
+        while asyncio.get_running_loop().time() < deadline:
+            if self.process.returncode is not None:
+                return False
+            if await self.answers():
+                return True
+            await asyncio.sleep(0.02)
+        await self.stop()
+        return False
+
+    async def answers(self) -> bool:
+        """PING is answered (PONG, or NOAUTH with requirepass); spoken by hand, not by redis-py."""
+        try:
+            async with asyncio.timeout(1):
+                reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                try:
+                    writer.write(b"PING\r\n")
+                    answer = await reader.readline()
+                    return answer == b"+PONG\r\n" or answer.startswith(b"-NOAUTH")
+                finally:
+                    writer.close()
+        except (OSError, TimeoutError):
+            return False
+
+    async def stop(self) -> None:
+        """SIGKILL and reap: Redis is gone at once, with everything it held."""
+        if self.process is not None and self.process.returncode is None:
+            os.kill(self.pid, signal.SIGCONT)  # a paused process must be able to die
+            os.kill(self.pid, signal.SIGKILL)
+        if self.process is not None:
+            await self.process.wait()
+
+    def pause(self) -> None:
+        os.kill(self.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.pid, signal.SIGCONT)
+
+    async def restart(self) -> None:
+        await self.stop()
+        await self.start()
+
+
+def replica_config(
+    path: Path,
+    nodes: Sequence[RunningNode | NodeProcess],
+    redis_url: str | None,
+    **sections: Any,
+) -> Path:
+    """Write a TOML configuration for replicas in front of ``nodes`` sharing ``redis_url``.
+
+    ``redis_url`` None: no [cluster] section, single-process mode.
+    """
+    data: dict[str, Any] = {"benchmark": {"on_start": False}, "scheduler": dict(FAST), **sections}
+    if redis_url is not None:
+        cluster = {"redis_url": redis_url, "lease_ttl_s": 3, "redis_timeout_s": 0.5}
+        data["cluster"] = {**cluster, **sections.get("cluster", {})}
+    lines = []
+    for section, values in data.items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
+    for node in nodes:
+        lines += ["[[nodes]]", f"name = {json.dumps(node.name)}", f"url = {json.dumps(node.url)}"]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class _Exited(Exception):
+    """The subprocess ended before it served."""
+
+
+class ReplicaProcess:
+    """One sdproxy replica (``python -m sdproxy serve``) as a subprocess, to kill by PID.
+
+    Its port and replica id come from SDPROXY_* variables; its log goes to ``log_path``.
+    """
+
+    def __init__(self, config: Path, replica_id: str, **env: str) -> None:
+        self.config, self.replica_id, self.env = config, replica_id, env
+        self.port = 0
+        self.process: asyncio.subprocess.Process | None = None
+        self.log_path = config.parent / f"{replica_id}.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    async def start(self) -> None:
+        """Start on a free port and wait until it answers /internal/ping."""
+        from sdproxy.cli import free_port
+
+        for _ in range(5):  # a free port can be taken before sdproxy binds it
+            self.port = free_port()
+            if await self._spawn():
+                return
+        raise RuntimeError(f"replica {self.replica_id} did not start; see {self.log_path}")
+
+    async def _spawn(self) -> bool:
+        env = {
+            **os.environ,
+            "SDPROXY_SERVER__PORT": str(self.port),
+            "SDPROXY_CLUSTER__REPLICA_ID": self.replica_id,
+            **self.env,
+        }
+        with self.log_path.open("ab") as log_file:
+            self.process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "sdproxy", "--log-level", "INFO",
+                "serve", "--config", str(self.config),
+                env=env, stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+            )  # fmt: skip
+        process = self.process
+
+        def alive() -> None:
+            if process.returncode is not None:
+                raise _Exited
+
+        try:
+            await wait_until_serving(self.url, alive=alive)
+        except _Exited:
+            return False  # most likely the port was taken meanwhile: the caller tries another
+        return True
+
+    def kill(self) -> None:
+        """SIGKILL: the replica dies at once, with the requests and leases it holds."""
+        if self.process is not None and self.process.returncode is None:
+            os.kill(self.pid, signal.SIGKILL)
+
+    async def stop(self) -> None:
+        """SIGTERM (a clean shutdown), then SIGKILL if it takes longer than 30 s."""
+        if self.process is None or self.process.returncode is not None:
+            return
+        self.process.terminate()
+        try:
+            async with asyncio.timeout(30):
+                await self.process.wait()
+        except TimeoutError:
+            self.kill()
+            await self.process.wait()
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+async def fake_stats(session: aiohttp.ClientSession, url: str) -> dict[str, int]:
+    """GET /fake/stats of a fake node (in-process or subprocess)."""
+    async with session.get(f"{url}/fake/stats") as resp:
+        assert resp.status == 200
+        stats: dict[str, int] = await resp.json()
+        return stats

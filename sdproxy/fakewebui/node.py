@@ -176,6 +176,10 @@ class FakeNode:
         self.options: dict[str, Any] = default_options(first, settings.version)
         self.loaded_title = first.title
         self._jobs: set[asyncio.Task[bytes | None]] = set()
+        # Test-only: generation jobs the node held at once (running or waiting on its queue
+        # lock). sdproxy sends a node one job at a time, across replicas too: never above 1.
+        self.active_jobs = 0
+        self.max_concurrent_jobs = 0
 
     @property
     def fault(self) -> Fault:
@@ -206,14 +210,26 @@ class FakeNode:
     def spawn(self, job: Awaitable[bytes | None]) -> asyncio.Task[bytes | None]:
         """Run a job that outlives its client, as the webui's worker thread does."""
         task = asyncio.ensure_future(job)
+        self.active_jobs += 1
+        self.max_concurrent_jobs = max(self.max_concurrent_jobs, self.active_jobs)
         self._jobs.add(task)
         task.add_done_callback(self._job_done)
         return task
 
     def _job_done(self, task: asyncio.Task[bytes | None]) -> None:
         self._jobs.discard(task)
+        self.active_jobs -= 1
         if not task.cancelled():
             task.exception()  # an abandoned job's error was meant for a client that left
+
+    def stats(self) -> dict[str, int]:
+        """GET /fake/stats (test-only): what a subprocess node can be asked from outside."""
+        return {
+            "active_jobs": self.active_jobs,
+            "max_concurrent_jobs": self.max_concurrent_jobs,
+            "generations": self.generations,
+            "images_rendered": self.images_rendered,
+        }
 
     async def aclose(self) -> None:
         """Cancel running jobs (app shutdown)."""

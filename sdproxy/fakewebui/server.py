@@ -365,6 +365,8 @@ def create_fake_app(node: FakeNode) -> web.Application:
     for path, (endpoint, body) in _POSTS.items():
         add("POST", f"/sdapi/v1/{path}", _handler(endpoint, body=body, auth=path not in _OPEN))
     add("GET", "/internal/ping", _handler(_static(lambda _: {}), body=False, auth=False))
+    # Not the webui's: what tests ask a subprocess node (max_concurrent_jobs, ...).
+    add("GET", "/fake/stats", _handler(_static(FakeNode.stats), body=False, auth=False))
     # A small part of the ControlNet extension's routes, registered at the host root.
     for path, answer in _CONTROLNET.items():
         add("GET", f"/controlnet/{path}", _handler(_static(answer), body=False, auth=False))

@@ -107,21 +107,28 @@ class Page:
         await asyncio.gather(self._reader, return_exceptions=True)  # cancelled on purpose
 
 
-@asynccontextmanager
-async def chromium_page(profile: Path) -> AsyncIterator[Page]:
-    """A tab of a fresh headless Chromium (skips the test when there is no Chromium)."""
+def chromium_command(profile: Path) -> list[str]:
+    """Headless Chromium with a fresh profile (skips the test when there is no Chromium)."""
     binary = shutil.which("chromium") or shutil.which("chromium-browser")
     if binary is None:
         pytest.skip("chromium is not installed (Debian package 'chromium'; .ci/run installs it)")
-    process = await asyncio.create_subprocess_exec(
+    return [
         binary,
         "--headless",
         "--no-sandbox",  # tests run as root, where Chromium's sandbox cannot start
         "--disable-gpu",
+        f"--user-data-dir={profile}",
+    ]
+
+
+@asynccontextmanager
+async def chromium_page(profile: Path) -> AsyncIterator[Page]:
+    """A tab of a fresh headless Chromium (skips the test when there is no Chromium)."""
+    process = await asyncio.create_subprocess_exec(
+        *chromium_command(profile),
         "--no-first-run",
         "--remote-debugging-address=127.0.0.1",
         "--remote-debugging-port=0",
-        f"--user-data-dir={profile}",
         "about:blank",
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import re
-import shutil
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 
 from sdproxy.fakewebui import FakeNodeSettings
+from tests.server.browser import chromium_command
 from tests.support import fake_nodes, free_port, post_json, proxy, wait_until
 
 BIG = {"width": 512, "height": 512, "steps": 20}
@@ -123,15 +122,8 @@ class _Rows(HTMLParser):
 
 async def dump_dom(url: str, profile: Path) -> str:
     """The DOM of ``url`` after its scripts ran, from headless Chromium."""
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        pytest.skip("chromium is not installed (Debian package 'chromium'; .ci/run installs it)")
     process = await asyncio.create_subprocess_exec(
-        chromium,
-        "--headless",
-        "--no-sandbox",  # tests run as root, where Chromium's sandbox cannot start
-        "--disable-gpu",
-        f"--user-data-dir={profile}",
+        *chromium_command(profile),
         "--virtual-time-budget=5000",  # let the page's fetch and first render finish
         "--dump-dom",
         url,
