@@ -19,36 +19,45 @@ efficiency = ideal / sdproxy; "integer" is the best split into whole images, eac
 paying its whole overhead, computed from the true speeds (with several clients: all their
 requests known at once), and "vs integer" = integer / sdproxy shows how close sdproxy gets to
 what is physically possible. The baselines are shown as baseline / sdproxy (above 1: sdproxy
-is faster).
-Targets: efficiency >= 0.90 with 16 or more images; sdproxy never slower than a baseline.
+is faster); with several clients also least-connections and round-robin of whole requests
+(harness.py), each client's request sent whole to one node.
+Targets: efficiency >= 0.90 with 16 or more images (several clients cannot reach it: their
+integer bound is 0.73-0.90 of the fluid one); >= 0.95 of the integer bound with several
+clients; sdproxy never slower than a baseline.
 
-Run: ``python benchmarks/makespan.py`` (a few minutes on 2 cores).
+Then the scenarios of adaptation.py (cold start, a node's speed changing) and sustained.py
+(sustained load with realistic images), each with its own targets; the summary names every
+target missed.
+
+Run: ``nice python benchmarks/makespan.py`` (about ten minutes on 2 cores, most of it sleeping
+fake nodes); ``--only TEXT`` runs the scenarios whose name contains TEXT (``cold start``,
+``speed change``, ``sustained``, ``4 clients``...).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
-import math
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import adaptation
 import aiohttp
+import sustained
 from aiohttp import web
+from bounds import fluid_bound_s, integer_optimum_s
+from harness import WholeRequests, measure_nodes
 
-from sdproxy.cluster.benchmark import BenchmarkResult, benchmark_node, save_state
-from sdproxy.config import BenchmarkSettings, NodeSettings, SchedulerSettings, Settings
-from sdproxy.core.planner import NodeLoad, plan_makespan, predicted_makespan_s
+from sdproxy.cluster.benchmark import save_state
+from sdproxy.config import BenchmarkSettings, Settings
 from sdproxy.fakewebui import FakeNode, FakeNodeSettings, create_fake_app
-from sdproxy.nodes.client import NodeClient
 from sdproxy.server.app import create_app
 from sdproxy.server.site import start_site
 
@@ -85,101 +94,6 @@ SCENARIOS = (
         "4 clients, 1:2:4, 0.1 s overhead", _nodes([0.2, 0.1, 0.05], 0.1), (16, 64), clients=4
     ),
 )
-
-
-def fluid_bound_s(nodes: Sequence[SimNode], images: int, requests: int = 1) -> float:
-    """The earliest T at which the nodes together can have rendered ``images``.
-
-    A node doing ``r`` node requests is busy ``r x overhead + n x per_image``; images are fluid
-    (fractions allowed). One client request needs one node request on every node it uses; with
-    ``requests`` concurrent client requests every one needs at least one node request, so the
-    overheads paid add up to at least ``requests``. The bound is the best T over every way of
-    spreading those node requests; for one request it is the plain fluid bound.
-    """
-    best = math.inf
-    for spread in itertools.product(range(requests + 1), repeat=len(nodes)):
-        if sum(spread) < requests or (requests == 1 and max(spread) > 1):
-            continue
-        used = [(node, r) for node, r in zip(nodes, spread, strict=True) if r]
-        low = 0.0
-        high = max(n.overhead_s * r for n, r in used) + images * min(n.per_image_s for n, _ in used)
-        for _ in range(100):
-            mid = (low + high) / 2
-            done = sum(max(0.0, (mid - n.overhead_s * r) / n.per_image_s) for n, r in used)
-            low, high = (low, mid) if done >= images else (mid, high)
-        best = min(best, high)
-    return best
-
-
-def integer_optimum_s(nodes: Sequence[SimNode], images: int, requests: int = 1) -> float:
-    """The best makespan with whole images and whole overheads, from the true speeds.
-
-    For one request, sdproxy's planner is exact for this model (one node request per node,
-    overhead plus per-image time). For ``requests`` concurrent requests of ``images / requests``
-    each, known all at once: every (node, request) pair with images costs one overhead, nodes
-    render their jobs back to back from time 0, and the bound is the least T for which a depth
-    search over each request's split into whole images fits every node within T (binary search
-    over the finite set of possible node finishing times). A lower bound for any online
-    scheduler; no fluid fractions of images or of overheads.
-    """
-    if requests == 1:
-        loads = [NodeLoad(n.name, n.overhead_s, n.per_image_s) for n in nodes]
-        shares = plan_makespan(images, loads)
-        return predicted_makespan_s(loads, {share.node: share.count for share in shares})
-    each = images // requests
-    splits = list(_compositions(each, len(nodes)))
-    candidates = sorted(
-        {
-            r * n.overhead_s + k * n.per_image_s
-            for n in nodes
-            for r in range(1, requests + 1)
-            for k in range(r, images + 1)
-        }
-    )
-
-    def fits(limit: float) -> bool:
-        caps = [
-            [
-                math.floor((limit - r * n.overhead_s) / n.per_image_s + 1e-9)
-                for r in range(requests + 1)
-            ]
-            for n in nodes
-        ]
-        failed: set[tuple[int, tuple[int, ...], tuple[int, ...]]] = set()
-
-        def place(left: int, used_r: tuple[int, ...], used_n: tuple[int, ...]) -> bool:
-            if left == 0:
-                return True
-            if (left, used_r, used_n) in failed:
-                return False
-            for split in splits:
-                r = tuple(u + (x > 0) for u, x in zip(used_r, split, strict=True))
-                n = tuple(u + x for u, x in zip(used_n, split, strict=True))
-                within = all(
-                    c == 0 or c <= caps[i][k] for i, (k, c) in enumerate(zip(r, n, strict=True))
-                )
-                if within and place(left - 1, r, n):
-                    return True
-            failed.add((left, used_r, used_n))
-            return False
-
-        return place(requests, (0,) * len(nodes), (0,) * len(nodes))
-
-    low, high = 0, len(candidates) - 1
-    while low < high:
-        mid = (low + high) // 2
-        low, high = (low, mid) if fits(candidates[mid]) else (mid + 1, high)
-    return candidates[low]
-
-
-def _compositions(total: int, parts: int) -> Iterator[tuple[int, ...]]:
-    """Every way to write ``total`` as ``parts`` non-negative integers, in order."""
-    if parts == 1:
-        yield (total,)
-        return
-    for first in range(total, -1, -1):
-        for rest in _compositions(total - first, parts - 1):
-            yield (first, *rest)
 
 
 def equal_split(images: int, names: Sequence[str]) -> list[tuple[str, int]]:
@@ -262,6 +176,10 @@ async def timed_clients(one: Callable[[int], Coroutine[Any, Any, None]], clients
     return time.perf_counter() - started
 
 
+async def post_whole(whole: WholeRequests, images: int, seed: int) -> None:
+    await whole.post(body(images, seed))
+
+
 async def run_split(
     session: aiohttp.ClientSession, urls: dict[str, str], split: list[tuple[str, int]], seed: int
 ) -> None:
@@ -286,6 +204,10 @@ class Row:
     @property
     def efficiency(self) -> float:
         return self.ideal_s / self.sdproxy_s
+
+    @property
+    def vs_integer(self) -> float:
+        return self.integer_s / self.sdproxy_s
 
 
 async def run_scenario(
@@ -341,6 +263,13 @@ async def run_scenario(
                 for _ in range(repeat):
                     for name, one in methods.items():
                         times[name].append(await timed_clients(one, scenario.clients))
+                    if scenario.clients > 1:
+                        for rule in WHOLE:
+                            whole = WholeRequests(session, list(urls.values()), rule)
+                            one = partial(post_whole, whole, each)
+                            times.setdefault(rule, []).append(
+                                await timed_clients(one, scenario.clients)
+                            )
                 medians = {name: statistics.median(t) for name, t in times.items()}
                 rows.append(
                     Row(
@@ -359,33 +288,20 @@ async def run_scenario(
             await runner.cleanup()
 
 
-async def measure_nodes(
-    node_list: list[dict[str, str]], bench: BenchmarkSettings
-) -> dict[str, BenchmarkResult]:
-    """Benchmark every node as ``sdproxy benchmark`` does."""
-    results: dict[str, BenchmarkResult] = {}
-    scheduler = SchedulerSettings()
-    async with aiohttp.ClientSession() as session:
-
-        async def one(node: NodeSettings) -> None:
-            client = NodeClient(session, node, scheduler)
-            results[node.name] = await benchmark_node(client, bench, 60.0)
-
-        async with asyncio.TaskGroup() as group:
-            for entry in node_list:
-                group.create_task(one(NodeSettings.model_validate(entry)))
-    return results
-
-
 BASELINES = ("fastest node", "equal split", "original rule")
+WHOLE: tuple[Literal["least-conn", "round-robin"], ...] = ("least-conn", "round-robin")
 HEADER = (
     f"{'scenario':<33} {'images':>6} {'ideal s':>8} {'integer s':>9} {'sdproxy s':>9} "
-    f"{'efficiency':>10} {'vs integer':>10} " + " ".join(f"{name + ' x':>15}" for name in BASELINES)
+    f"{'efficiency':>10} {'vs integer':>10} "
+    + " ".join(f"{name + ' x':>15}" for name in (*BASELINES, *WHOLE))
 )
 
 
 def print_row(row: Row) -> None:
-    ratios = " ".join(f"{row.baselines[name] / row.sdproxy_s:>15.2f}" for name in BASELINES)
+    ratios = " ".join(
+        f"{row.baselines[name] / row.sdproxy_s:>15.2f}" if name in row.baselines else f"{'-':>15}"
+        for name in (*BASELINES, *WHOLE)
+    )
     integer = f"{row.integer_s:>9.2f}"
     versus = f"{row.integer_s / row.sdproxy_s:>10.2f}"
     print(
@@ -409,12 +325,19 @@ async def main(argv: Sequence[str] | None = None) -> int:
     print("baseline columns: baseline makespan / sdproxy makespan (above 1: sdproxy faster)")
     print(HEADER, flush=True)
     rows: list[Row] = []
+    verdicts: list[tuple[str, bool]] = []
     with tempfile.TemporaryDirectory() as state_dir:
         for scenario in SCENARIOS:
             if args.only is None or args.only in scenario.name:
                 rows += await run_scenario(
                     scenario, args.job_timeout_s, args.repeat, Path(state_dir)
                 )
+        verdicts += await adaptation.run(args.only, args.repeat, Path(state_dir))
+        verdicts += await sustained.run(args.only, Path(state_dir))
+    for row in rows:
+        if "clients" in row.scenario:
+            target = f"{row.scenario}/{row.images}: vs integer >= 0.95"
+            verdicts.append((target, row.vs_integer >= 0.95))
     big = [row for row in rows if row.images >= 16]
     worst = min(big, key=lambda r: r.efficiency) if big else None
     # A baseline within 2% of sdproxy is a tie: run-to-run noise on a shared machine is that big.
@@ -430,17 +353,24 @@ async def main(argv: Sequence[str] | None = None) -> int:
         for name in BASELINES
         if abs(row.baselines[name] / row.sdproxy_s - 1) <= 0.02
     )
-    met = worst is not None and worst.efficiency >= 0.90 and not slower
+    met = (worst is None or worst.efficiency >= 0.90) and not slower
     summary = (
-        f"makespan: lowest efficiency {worst.efficiency:.2f} ({worst.scenario}, {worst.images} "
-        f"images; target 0.90 with >= 16 images); sdproxy slower than a baseline by more than 2% "
-        f"in {len(slower)} of {len(rows) * len(BASELINES)} comparisons, within 2% in {ties}"
+        f"makespan: lowest efficiency {worst.efficiency:.2f} ({worst.scenario}, "
+        f"{worst.images} images; target 0.90 with >= 16 images)"
         if worst is not None
         else "makespan: no scenario with 16 or more images was run"
     )
+    summary += (
+        f"; sdproxy slower than a baseline by more than 2% in {len(slower)} of "
+        f"{len(rows) * len(BASELINES)} comparisons, within 2% in {ties}"
+    )
     if slower:
         summary += " (" + ", ".join(f"{r.scenario}/{r.images}: {n}" for r, n in slower) + ")"
-    print(summary + ("; targets met" if met else "; TARGETS MISSED"))
+    print("\n" + summary + ("; targets met" if met else "; TARGETS MISSED"))
+    missed = [name for name, ok in verdicts if not ok]
+    print(f"other targets: {len(verdicts) - len(missed)} of {len(verdicts)} met", flush=True)
+    for name in missed:
+        print(f"  MISSED: {name}")
     return 0
 
 

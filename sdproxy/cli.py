@@ -118,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--models", type=_model_list, default=None, help="comma-separated checkpoint titles"
     )
     fake.add_argument("--api-auth", default=None, help="user:pass[,user2:pass2], like the webui")
+    fake.add_argument("--realistic-images", action="store_true", help="webui-sized PNGs")
     fake.add_argument(
         "--fail-mode",
         choices=get_args(FaultMode),
@@ -199,6 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 per_image_s=args.per_image_s,
                 overhead_s=args.overhead_s,
                 api_auth=args.api_auth,
+                realistic_images=args.realistic_images,
             )
             if args.models:
                 fake.models = args.models

@@ -299,8 +299,9 @@ class Benchmarker:
                         done.set_exception(exc)
                     return
                 seconds = host.clock.now() - started
-                if timed:  # the model learns from every timed run at once
-                    host.state.observe(name, size * work_per_run, seconds)
+                # The model learns from every run at once, warm-ups too: a warm-up slowed by a
+                # checkpoint load is replaced by the next run (core/speed.py change detection).
+                host.state.observe(name, size * work_per_run, seconds, "benchmark")
                 if not done.done():
                     done.set_result(seconds)
 
@@ -324,7 +325,7 @@ class Benchmarker:
             self.errors[name] = exc.reason
             return
         self.errors.pop(name, None)
-        self._apply(result)
+        self.results[name] = result  # its timed runs taught the model as each ended
         log.info(
             "node %s: %.2f s overhead, %.3f s per image (20 steps, 512x512)",
             name,

@@ -8,6 +8,7 @@ finishes it first. Work that finds no usable node is parked (parking.py).
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Collection, Mapping
 
 from sdproxy.cluster.checkpoints import CheckpointRouter
@@ -17,7 +18,15 @@ from sdproxy.cluster.lanes import Lane
 from sdproxy.cluster.parking import Parking
 from sdproxy.cluster.state import ClusterState
 from sdproxy.cluster.work import Job, Run
-from sdproxy.core.planner import Chunk, NodeLoad, Share, chunk_share, plan_under_load
+from sdproxy.core.planner import (
+    Chunk,
+    NodeLoad,
+    Share,
+    Traffic,
+    chunk_share,
+    plan_under_load,
+    vary_for_learning,
+)
 from sdproxy.errors import NodeRaised, NoNodeAvailable, SdproxyError
 
 
@@ -41,6 +50,11 @@ class Dispatcher:
         self._state = state
         self._clock = clock
         self._runs = runs  # the requests in flight, to tell a busy cluster from an idle one
+        self._finished_at: deque[float] = deque(maxlen=256)  # clock times requests ended
+
+    def note_finished(self) -> None:
+        """A request ended: recent ends tell the planner whether requests keep coming."""
+        self._finished_at.append(self._clock.now())
 
     def usable_nodes(self) -> list[str]:
         return [node for node in self._state.nodes if self._state.usable(node)]
@@ -131,6 +145,7 @@ class Dispatcher:
             if limit == 0:
                 continue
             estimate = self._forecast.estimate(node)
+            seen = self._state.speed(node).single_work
             loads.append(
                 NodeLoad(
                     node,
@@ -138,19 +153,16 @@ class Dispatcher:
                     per_unit_s=estimate.per_unit_s * unit_work,
                     backlog_s=self.backlog_s(self._lanes[node], now),
                     batch_limit=limit,
+                    seen_units=seen / unit_work if seen is not None else None,
                 )
             )
         if not loads:
             return []
-        # On a busy cluster each extra node request delays the work queued behind it on that
-        # node by its overhead: penalty len(loads) counts every overhead second in full (the
-        # planner divides by the node count). Measured in benchmarks/makespan.py against a
-        # penalty of 1: concurrent makespans 1.37 -> 1.11, 3.07 -> 2.97, 0.92 -> 0.81 and
-        # 2.27 -> 2.32 s; single requests on an idle cluster are planned as before.
-        busy = any(load.backlog_s > 0 for load in loads) or any(
-            other is not run and not other.finished for other in self._runs
+        traffic = Traffic(
+            in_flight=sum(1 for other in self._runs if other is not run and not other.finished),
+            finished_ago_s=tuple(now - at for at in self._finished_at),
         )
-        return plan_under_load(units, loads, start, penalty=float(len(loads)) if busy else 0.0)
+        return vary_for_learning(plan_under_load(units, loads, start, traffic=traffic), loads)
 
     def jobs_for(
         self, run: Run, share: Share, blame: tuple[str, NodeRaised] | None = None

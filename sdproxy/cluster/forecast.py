@@ -1,20 +1,21 @@
 """Forecast: how long a node takes for a job, and how large a batch it may be sent.
 
 The speed models live in the cluster state; this turns them into the seconds the planner, the
-lanes' backlogs and the share deadlines work with. A node nothing was measured on is scaled like
-the measured ones, by its configured weight.
+lanes' backlogs and the share deadlines work with. What a node's own measurements leave open
+(its overhead while it has run one size of job, its speed before anything was measured) comes
+from the other nodes' models (core/speed.py cluster_prior), a node of its weight scaled like the
+measured ones.
 """
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Mapping
 
 from sdproxy.cluster.state import ClusterState
 from sdproxy.config import NodeSettings, SchedulerSettings
 from sdproxy.core.planner import Share, chunk_share
 from sdproxy.core.request import GenerationRequest
-from sdproxy.core.speed import NOMINAL_PER_UNIT_S, SpeedEstimate, work_per_image
+from sdproxy.core.speed import Prior, SpeedEstimate, cluster_prior, work_per_image
 
 
 class Forecast:
@@ -31,8 +32,8 @@ class Forecast:
         self._scheduler = scheduler
 
     def estimate(self, node: str) -> SpeedEstimate:
-        """The node's speed line; an unmeasured node is scaled like the measured ones."""
-        return self._state.speed(node).estimate(self._nominal_per_unit_s())
+        """The node's speed line; what its own measurements leave open, from the others'."""
+        return self._state.speed(node).estimate(self._prior())
 
     def predict_s(self, node: str, work: float, requests: int = 1) -> float:
         return self.estimate(node).predict_s(work, requests)
@@ -49,8 +50,7 @@ class Forecast:
         limit = self.batch_limit(node, request)
         units = images // request.unit_size
         requests = 1 if limit is None else max(1, len(chunk_share(Share(node, 0, units), limit)))
-        estimate = self._state.speed(node).estimate()
-        return estimate.predict_s(images * work_per_image(request), requests)
+        return self.estimate(node).predict_s(images * work_per_image(request), requests)
 
     def share_deadline_s(self, node: str, request: GenerationRequest, images: int) -> float:
         """How long one node request may take before the node counts as failed."""
@@ -86,11 +86,6 @@ class Forecast:
             return 1
         return len(chunk_share(Share(node, 0, units), max(limit, 1)))
 
-    def _nominal_per_unit_s(self) -> float:
-        """Seconds per unit at weight 1, as the measured nodes show it (or a nominal guess)."""
-        measured = [
-            self._state.speed(node).estimate().per_unit_s * settings.weight
-            for node, settings in self._nodes.items()
-            if self._state.speed(node).measured
-        ]
-        return statistics.median(measured) if measured else NOMINAL_PER_UNIT_S
+    def _prior(self) -> Prior:
+        """Overhead and seconds per unit at weight 1 as the measured nodes show them."""
+        return cluster_prior(self._state.speed(node) for node in self._nodes)

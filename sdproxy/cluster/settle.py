@@ -43,6 +43,7 @@ class Settler:
     def settle(self, node: str, job: Job, outcome: Outcome, seconds: float) -> None:
         """Act on what rendering ``job`` on ``node`` came to, after ``seconds``."""
         run = job.run
+        ended = run.finished
         match outcome:
             case Rendered(part):
                 self._rendered(node, job, seconds, part.count)
@@ -64,6 +65,8 @@ class Settler:
                 log.warning("node %s failed images %s..: %s", node, job.chunk.start, error.reason)
                 self._metrics.observe_job(node, "error", seconds)
                 self._failover(node, job, error)
+        if run.finished and not ended:  # the planner tells a stream of requests by their ends
+            self._dispatcher.note_finished()
 
     def _rendered(self, node: str, job: Job, seconds: float, images: int) -> None:
         if not job.run.interrupted:  # a short, interrupted answer says nothing of the speed

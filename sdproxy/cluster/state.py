@@ -23,7 +23,7 @@ from typing import Protocol
 from sdproxy.cluster.clock import Clock
 from sdproxy.config import NodeSettings, SchedulerSettings
 from sdproxy.core.health import NodeHealth
-from sdproxy.core.speed import SpeedEstimate, SpeedModel
+from sdproxy.core.speed import ObservationSource, SpeedEstimate, SpeedModel
 
 HealthListener = Callable[[str], None]  # called with a node's name when its health changes
 BacklogView = Callable[[str], tuple[float, int]]  # node -> (backlog seconds, queued images)
@@ -79,8 +79,10 @@ class ClusterState(Protocol):
         """The node's speed model; read it, teach it through :meth:`observe`."""
         ...
 
-    def observe(self, node: str, work: float, seconds: float) -> None:
-        """A job of ``work`` units took ``seconds`` on the node."""
+    def observe(
+        self, node: str, work: float, seconds: float, source: ObservationSource = "job"
+    ) -> None:
+        """A job (or a benchmark run) of ``work`` units took ``seconds`` on the node."""
         ...
 
     def set_benchmark(
@@ -179,8 +181,10 @@ class MemoryState:
     def speed(self, node: str) -> SpeedModel:
         return self._speed[node]
 
-    def observe(self, node: str, work: float, seconds: float) -> None:
-        self._speed[node].observe(work, seconds)
+    def observe(
+        self, node: str, work: float, seconds: float, source: ObservationSource = "job"
+    ) -> None:
+        self._speed[node].observe(work, seconds, source)
 
     def set_benchmark(self, node: str, estimate: SpeedEstimate, works: tuple[float, float]) -> None:
         self._speed[node].set_benchmark(estimate, works)

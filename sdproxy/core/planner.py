@@ -9,14 +9,6 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
-class NodeCapacity:
-    """What the planner knows of one healthy node."""
-
-    name: str
-    weight: float  # relative speed; only ratios between nodes matter
-
-
-@dataclass(frozen=True)
 class Share:
     """A contiguous range of units (images, or whole batches) given to one node."""
 
@@ -42,30 +34,6 @@ class Chunk:
         return self.batch_size * self.n_iter
 
 
-def plan_split(units: int, nodes: Sequence[NodeCapacity], start: int = 0) -> list[Share]:
-    """Split ``units`` across ``nodes`` in proportion to weight, as integer counts.
-
-    Largest-remainder rounding: the counts sum exactly to ``units``, each node gets its quota
-    rounded down, and the units left over go to the nodes with the largest fractions (ties to
-    the faster node, then to the earlier one). Nodes given nothing are left out; the ranges are
-    contiguous from ``start``, in the order of ``nodes``.
-    """
-    if units < 0:
-        raise ValueError("units must be >= 0")
-    if not nodes:
-        raise ValueError("no nodes to plan for")
-    total_weight = math.fsum(node.weight for node in nodes)
-    quotas = [units * node.weight / total_weight for node in nodes]
-    counts = [math.floor(quota) for quota in quotas]
-    left = units - sum(counts)
-    by_remainder = sorted(
-        range(len(nodes)), key=lambda i: (-(quotas[i] - counts[i]), -nodes[i].weight, i)
-    )
-    for i in by_remainder[:left]:
-        counts[i] += 1
-    return _contiguous([node.name for node in nodes], counts, start)
-
-
 @dataclass(frozen=True)
 class NodeLoad:
     """What the makespan planner knows of one healthy node, for one request."""
@@ -75,6 +43,8 @@ class NodeLoad:
     per_unit_s: float  # predicted seconds per unit (image, or whole batch) of this request
     backlog_s: float = 0.0  # predicted seconds of work already queued or running on the node
     batch_limit: int | None = None  # units per node request; None: any count is one request
+    # While the node's model has seen jobs of one size only: that size, in units of this request.
+    seen_units: float | None = None
 
 
 def share_time_s(node: NodeLoad, count: int) -> float:
@@ -85,9 +55,13 @@ def share_time_s(node: NodeLoad, count: int) -> float:
     """
     if count <= 0:
         return 0.0
+    return node.backlog_s + _requests(node, count) * node.overhead_s + count * node.per_unit_s
+
+
+def _requests(node: NodeLoad, count: int) -> int:
+    """Node requests a share of ``count`` units is sent as (see chunk_share)."""
     limit = node.batch_limit
-    requests = 1 if limit is None or count <= limit else 2
-    return node.backlog_s + requests * node.overhead_s + count * node.per_unit_s
+    return 1 if limit is None or count <= limit else 2
 
 
 def predicted_makespan_s(nodes: Sequence[NodeLoad], counts: Mapping[str, int]) -> float:
@@ -119,22 +93,65 @@ def plan_makespan(units: int, nodes: Sequence[NodeLoad], start: int = 0) -> list
     return _contiguous([node.name for node in nodes], counts, start)
 
 
-def plan_under_load(
-    units: int, nodes: Sequence[NodeLoad], start: int = 0, *, penalty: float = 0.0
-) -> list[Share]:
-    """Like plan_makespan, but on a busy cluster spend fewer node requests on one request.
+@dataclass(frozen=True)
+class Traffic:
+    """The other client requests, as the scheduler sees them when it plans one."""
 
-    Every node request costs its node ``overhead_s``, and on a busy cluster that time also
-    delays whoever is queued after it. So the plan minimises its predicted finish plus
-    ``penalty x (overheads of the nodes it uses) / len(nodes)``: with ``penalty`` 0 (an idle
-    cluster) it is plan_makespan's plan. The search tries the ``k`` nodes that would finish
-    the whole request first, for every ``k`` below the number plan_makespan uses, each split
-    by plan_makespan; ties go to more nodes. It never uses more nodes than plan_makespan,
-    and never finishes later than the best single node.
+    in_flight: int = 0  # other requests queued or rendering
+    finished_ago_s: tuple[float, ...] = ()  # how long ago recent requests finished, in seconds
+
+    def followers(self, horizon_s: float) -> int:
+        """Requests expected within ``horizon_s``: as many as finished in the last as long.
+
+        At most as many as are in flight besides this one: a client that waits for its answer
+        before it sends the next request (one client in a loop) follows nobody.
+        """
+        recent = sum(1 for age in self.finished_ago_s if 0.0 <= age <= horizon_s)
+        return min(recent, self.in_flight)
+
+
+IDLE = Traffic()
+
+
+def overhead_weight(units: int, nodes: Sequence[NodeLoad], traffic: Traffic) -> float:
+    """What one second of node-request overhead costs, in seconds of this request's finish.
+
+    On an idle cluster with no stream of requests, 0: only the finish counts. While other work
+    is queued or running, each overhead second counts once in full (a burst of requests at once
+    splits well so: benchmarks/makespan.py), and once more for every request expected before
+    this one is done, because every extra node request delays each of them by its overhead.
+    Those are estimated from the recent past: as many as finished within the time the request
+    takes on the node that would finish it whole first, and no more than are in flight; and at
+    least the other requests in flight per node (clients with requests in flight tend to send
+    more: the opening burst of many clients is not split as if it were all there is). A steady
+    stream (clients sending a new request as each answer comes) thus keeps requests whole,
+    while a small burst after a quiet spell is split to end it early.
+    """
+    busy = traffic.in_flight > 0 or any(node.backlog_s > 0 for node in nodes)
+    if not busy or not nodes:
+        return 0.0
+    horizon_s = min(share_time_s(node, units) for node in nodes)
+    return 1.0 + max(traffic.followers(horizon_s), traffic.in_flight / len(nodes))
+
+
+def plan_under_load(
+    units: int, nodes: Sequence[NodeLoad], start: int = 0, *, traffic: Traffic = IDLE
+) -> list[Share]:
+    """The shares of ``units`` that end earliest once each node request's overhead is paid.
+
+    Minimises the predicted finish plus ``overhead_weight`` times the overhead seconds of the
+    node requests the plan makes. On an idle cluster (weight 0) that is plan_makespan's plan.
+    Otherwise the candidates are the whole request on the node that finishes it first,
+    plan_makespan's plan, and plan_makespan's split over the ``k`` nodes that would finish it
+    whole first, for every ``k`` in between: a request goes whole unless splitting ends it
+    sooner by more than the overhead it adds costs the requests behind it. Ties go to fewer
+    nodes; the plan never finishes later than the best single node.
     """
     full = plan_makespan(units, nodes, start)
-    if penalty <= 0 or len(full) <= 1:
+    weight = overhead_weight(units, nodes, traffic)
+    if weight <= 0 or len(full) <= 1:
         return full
+    index = {node.name: i for i, node in enumerate(nodes)}
     ranked = sorted(
         range(len(nodes)), key=lambda i: (share_time_s(nodes[i], units), nodes[i].per_unit_s, i)
     )
@@ -142,20 +159,66 @@ def plan_under_load(
 
     def cost(shares: list[Share]) -> float:
         finish = predicted_makespan_s(nodes, {share.node: share.count for share in shares})
-        overheads = math.fsum(nodes[index[share.node]].overhead_s for share in shares)
-        return finish + penalty * overheads / len(nodes)
+        overheads = math.fsum(
+            _requests(nodes[index[s.node]], s.count) * nodes[index[s.node]].overhead_s
+            for s in shares
+        )
+        return finish + weight * overheads
 
-    index = {node.name: i for i, node in enumerate(nodes)}
-    best, best_cost = full, cost(full)
-    for k in range(len(full) - 1, 0, -1):
+    candidates = [[Share(nodes[ranked[0]].name, start, units)], full]
+    for k in range(2, len(full)):
         subset = [nodes[i] for i in sorted(ranked[:k])]  # list order keeps ranges in node order
         shares = plan_makespan(units, subset, start)
-        if predicted_makespan_s(nodes, {s.node: s.count for s in shares}) > latest:
+        if predicted_makespan_s(nodes, {s.node: s.count for s in shares}) <= latest:
+            candidates.append(shares)
+    return min(candidates, key=lambda shares: (cost(shares), len(shares)))
+
+
+LEARNING_BUDGET = 0.03  # share of the predicted makespan a plan may spend to learn a slope
+NEW_SIZE = 0.25  # a share this far from the one size seen tells overhead from per-unit time
+
+
+def vary_for_learning(
+    shares: list[Share], nodes: Sequence[NodeLoad], *, budget: float = LEARNING_BUDGET
+) -> list[Share]:
+    """Give one node whose model has seen a single share size a different size, if it is cheap.
+
+    While every job a node ran had one size (``NodeLoad.seen_units``) its overhead cannot be
+    told from its per-unit time, and a plan that keeps giving it that size never will. So when
+    a split plan gives such a node about that size again, its share is set to the nearest
+    count at least ``NEW_SIZE`` off it (up or down) and the other nodes of the plan share the
+    rest as plan_makespan would, provided the predicted makespan grows by at most ``budget`` of
+    itself. Of the nodes that need it, the one whose change costs least is changed. A plan of
+    one share is left alone (varying it would mean another node request). The result tiles
+    the same range, in the order of ``nodes``.
+    """
+    if len(shares) < 2:
+        return shares
+    by_name = {node.name: node for node in nodes}
+    used = [by_name[share.node] for share in shares]
+    counts = {share.node: share.count for share in shares}
+    units = sum(counts.values())
+    allowed = predicted_makespan_s(used, counts) * (1 + budget)
+    best: tuple[float, dict[str, int]] | None = None
+    for node in used:
+        seen, count = node.seen_units, counts[node.name]
+        if seen is None or seen <= 0 or abs(count - seen) >= NEW_SIZE * seen:
             continue
-        shares_cost = cost(shares)
-        if shares_cost < best_cost:
-            best, best_cost = shares, shares_cost
-    return best
+        others = [other for other in used if other is not node]
+        up, down = math.ceil(seen * (1 + NEW_SIZE)), math.floor(seen * (1 - NEW_SIZE))
+        for size in (up, down):
+            if not 1 <= size <= units:
+                continue
+            trial = {s.node: s.count for s in plan_makespan(units - size, others)}
+            trial[node.name] = size
+            finish = predicted_makespan_s(used, trial)
+            if finish <= allowed and (best is None or finish < best[0]):
+                best = finish, trial
+    if best is None:
+        return shares
+    return _contiguous(
+        [n.name for n in nodes], [best[1].get(n.name, 0) for n in nodes], shares[0].start
+    )
 
 
 def _contiguous(names: Sequence[str], counts: Sequence[int], start: int) -> list[Share]:

@@ -1,22 +1,33 @@
-"""Pure: how long a node takes for a share, fitted from its benchmark and every finished job.
+"""Pure: how long a node takes for a share, learnt from its benchmark runs and finished jobs.
 
 The model of one node is a line: ``seconds = overhead_s + per_unit_s * work``, for one node
 request of ``work`` units, where one unit is one image of 20 steps at 512x512. A request's work
 per image counts the sampled steps times the pixels, plus hires fix's second pass at its upscaled
 size; img2img samples only ``steps x denoising_strength`` of its steps, as the webui does.
 
-Before anything is measured a node's line comes from its configured weight (no overhead, a
-nominal seconds per unit divided by the weight), which reproduces a split by weight. A benchmark
-at two batch sizes gives the intercept and the slope; every finished job then refines the line
-by a least-squares fit over a window of recent jobs, each weighted by its recency, with the
-benchmark kept in as the oldest, fading, evidence. A job far slower than predicted (a checkpoint
-load, a node busy with something else) is left out, unless it happens three times in a row: then
-the node itself has changed and the model starts over from what it does now.
+The line is fitted to the node's *segment*: what it did since its speed last changed (benchmark
+runs as each finishes, a stored benchmark, finished jobs), newest first in weight. Points at two
+or more works fix both terms. Points at one work fix only the time at that work, so the overhead
+comes from what else is known, never an invented zero: the node's own overhead before its speed
+last changed, else the median overhead of the nodes that measured theirs (``cluster_prior``),
+else a nominal ``NOMINAL_OVERHEAD_S``. With nothing measured, the per-unit time is the configured
+weight's share of what the measured nodes show. Each estimate says where each term came from.
+
+Each observation is first held against what the segment predicts (for a segment at one work:
+any physical line through it):
+
+- within ``drift_band`` (or ``band_floor_s``): it joins the segment;
+- far slower (``outlier_ratio`` times and ``outlier_floor_s`` more): a one-off, such as a
+  checkpoint load, is left out; a second slow one in a row means the node changed;
+- off by ``jump_band`` or more: the node changed, and a new segment starts from it at once; if
+  the next observation fits the old segment again, the old one is taken back (a one-off);
+- off by ``drift_band`` twice in a row on the same side: a new segment starts from the two.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -27,8 +38,15 @@ from sdproxy.core.request import GenerationRequest
 NOMINAL_STEPS = 20
 NOMINAL_PIXELS = 512 * 512
 NOMINAL_PER_UNIT_S = 1.0  # seconds per unit assumed for a node of weight 1 before any measurement
+# A guess at a webui's fixed time per API request on a GPU (text encoding, sampler set-up, the
+# HTTP round trip), used only until some node has measured its own.
+NOMINAL_OVERHEAD_S = 0.3
+MAX_OVERHEAD_SHARE = 0.9  # an assumed overhead leaves a tenth of a job to its images
 
 Source = Literal["weight", "benchmark", "measured"]
+OverheadFrom = Literal["measured", "earlier", "other nodes", "nominal"]
+PerUnitFrom = Literal["measured", "one size", "weight"]
+ObservationSource = Literal["job", "benchmark"]
 
 
 def work_per_image(request: GenerationRequest) -> float:
@@ -72,11 +90,24 @@ class SpeedEstimate:
     per_unit_s: float
     samples: int = 0  # benchmark runs and finished jobs behind the estimate
     source: Source = "weight"
+    overhead_from: OverheadFrom = "measured"  # how the overhead is known
+    per_unit_from: PerUnitFrom = "measured"  # how the per-unit time is known
 
     def predict_s(self, work: float, requests: int = 1) -> float:
         """Seconds for ``work`` units sent as ``requests`` node requests."""
         return requests * self.overhead_s + self.per_unit_s * work
 
+
+@dataclass(frozen=True)
+class Prior:
+    """What the cluster knows of nodes in general, for what a node has not measured itself."""
+
+    overhead_s: float = NOMINAL_OVERHEAD_S
+    overhead_from: Literal["other nodes", "nominal"] = "nominal"
+    per_unit_s: float = NOMINAL_PER_UNIT_S  # at weight 1
+
+
+NOMINAL = Prior()
 
 _MIN_SLOPE = 1e-9  # per-unit seconds are kept positive, however flat the points
 
@@ -122,6 +153,18 @@ def fit_benchmark(runs: Sequence[tuple[float, float]]) -> SpeedEstimate:
     return SpeedEstimate(fitted[0], fitted[1], samples=len(runs), source="benchmark")
 
 
+@dataclass(frozen=True)
+class _Point:
+    work: float
+    seconds: float
+    weight: float = 1.0
+    benchmark: bool = False
+    count: int = 1  # observations it stands for (a stored benchmark's runs)
+
+
+Verdict = Literal["fits", "drift", "jump", "outlier"]
+
+
 class SpeedModel:
     """One node's speed, learnt online. Deterministic: times are passed in, never read."""
 
@@ -132,83 +175,217 @@ class SpeedModel:
         window: int = 32,
         decay: float = 0.9,
         prior_weight: float = 2.0,
-        outlier_ratio: float = 3.0,
+        outlier_ratio: float = 4.0,
         outlier_floor_s: float = 1.0,
+        drift_band: float = 0.15,
+        jump_band: float = 0.5,
+        band_floor_s: float = 0.05,
+        min_spread: float = 0.2,
     ) -> None:
         self.weight = weight
-        self.benchmark: SpeedEstimate | None = None
-        self._prior_works: tuple[float, float] = (1.0, 4.0)
-        self._observations: deque[tuple[float, float]] = deque(maxlen=window)
+        self.changes = 0  # times a change of speed started a new segment
+        self._segment: deque[_Point] = deque(maxlen=window)
+        self._previous: deque[_Point] | None = None  # the segment before the last change
+        self._pending: list[tuple[_Point, int]] = []  # off-band points in a row, with their side
+        self._earlier_overhead_s: float | None = None
         self._decay = decay
         self._prior_weight = prior_weight
         self._outlier_ratio = outlier_ratio
         self._outlier_floor_s = outlier_floor_s
-        self._rejected_in_a_row = 0
-        self._accepted = 0
-        self._cache: dict[float, SpeedEstimate] = {}
+        self._drift_band = drift_band
+        self._jump_band = jump_band
+        self._band_floor_s = band_floor_s
+        self._min_spread = min_spread
+        self._cache: dict[Prior, SpeedEstimate] = {}
+        self._own: tuple[float, float] | None = None  # the segment's own fit, once computed
+        self._own_known = False
 
     @property
     def measured(self) -> bool:
-        """True once a benchmark or a finished job stands behind the estimate."""
-        return self.benchmark is not None or bool(self._observations)
+        """True once a benchmark run or a finished job stands behind the estimate."""
+        return bool(self._segment)
+
+    @property
+    def measured_overhead_s(self) -> float | None:
+        """The overhead the node's own points fix (they span two works), else None."""
+        fitted = self._own_fit()
+        return fitted[0] if fitted is not None else None
+
+    @property
+    def single_work(self) -> float | None:
+        """While every point is at (about) one work, that work; else None."""
+        if not self._segment or self._own_fit() is not None:
+            return None
+        return _means(self._weighted(self._segment))[0]
 
     def set_benchmark(self, estimate: SpeedEstimate, works: tuple[float, float]) -> None:
-        """Start over from a benchmark fitted at the total works ``works`` (two batch sizes)."""
-        self.benchmark = estimate
-        self._prior_works = works
-        self._observations.clear()
-        self._rejected_in_a_row = 0
-        self._accepted = 0
-        self._cache.clear()
+        """Start over from a stored benchmark fitted at the total works ``works`` (two sizes)."""
+        count = max(estimate.samples // 2, 1)
+        points = [
+            _Point(work, estimate.predict_s(work), self._prior_weight, True, count)
+            for work in works
+        ]
+        self._restart(points, keep_previous=False)
+        self._earlier_overhead_s = estimate.overhead_s
 
-    def observe(self, work: float, seconds: float) -> bool:
-        """Learn from one finished node request; False when it was left out as an outlier."""
-        if work <= 0 or seconds < 0 or not math.isfinite(seconds):
+    def observe(self, work: float, seconds: float, source: ObservationSource = "job") -> bool:
+        """Learn from one finished node request or benchmark run; False when left out."""
+        if work <= 0 or seconds < 0 or not math.isfinite(seconds) or not math.isfinite(work):
             return False
-        if self.measured:
-            predicted = self.estimate().predict_s(work)
-            if seconds > self._outlier_ratio * predicted + self._outlier_floor_s:
-                self._rejected_in_a_row += 1
-                if self._rejected_in_a_row < 3:
-                    return False
-                # Three in a row is no accident: the node changed. Forget what it was.
-                self.benchmark = None
-                self._observations.clear()
-                self._accepted = 0
-        self._rejected_in_a_row = 0
-        self._observations.append((work, seconds))
-        self._accepted += 1
-        self._cache.clear()
+        point = _Point(work, seconds, benchmark=source == "benchmark")
+        if not self._segment:
+            self._add(point)
+            return True
+        verdict, side = self._judge(self._segment, point)
+        previous = self._previous
+        self._previous = None  # the first observation after a change settles it
+        if previous is not None and verdict != "fits" and self._judge(previous, point)[0] == "fits":
+            self._segment, self._pending = previous, []  # the change was a one-off
+            self._add(point)
+            return True
+        if verdict == "fits":
+            # A drift point before this one was noise: it joins the segment too.
+            for held, _ in self._pending:
+                if self._judge(self._segment, held)[0] == "drift":
+                    self._segment.append(held)
+            self._pending = []
+            self._add(point)
+            return True
+        same_side = [p for p, s in self._pending if s == side]
+        if not same_side and verdict in ("outlier", "drift"):
+            # Held out until the next observation: a one-off, or the first of a change.
+            self._pending = [(point, side)]
+            return verdict == "drift"
+        self._restart([*same_side, point], keep_previous=True)
         return True
 
-    def estimate(self, nominal_per_unit_s: float = NOMINAL_PER_UNIT_S) -> SpeedEstimate:
-        """The current line. ``nominal_per_unit_s`` scales the weight-only guess."""
-        cached = self._cache.get(nominal_per_unit_s)
+    def estimate(self, prior: Prior = NOMINAL) -> SpeedEstimate:
+        """The current line; what the node's own points leave open comes from ``prior``."""
+        cached = self._cache.get(prior)
         if cached is None:
-            cached = self._cache[nominal_per_unit_s] = self._fit(nominal_per_unit_s)
+            cached = self._cache[prior] = self._estimate(prior)
         return cached
 
-    def _fit(self, nominal_per_unit_s: float) -> SpeedEstimate:
-        prior = self.benchmark
-        if not self._observations:
-            if prior is not None:
-                return prior
-            return SpeedEstimate(0.0, nominal_per_unit_s / self.weight, 0, "weight")
-        count = len(self._observations)
-        points = [
-            (work, seconds, self._decay ** (count - 1 - age))
-            for age, (work, seconds) in enumerate(self._observations)
+    def _estimate(self, prior: Prior) -> SpeedEstimate:
+        overhead_from: OverheadFrom
+        if self._earlier_overhead_s is not None:
+            overhead, overhead_from = self._earlier_overhead_s, "earlier"
+        else:
+            overhead, overhead_from = prior.overhead_s, prior.overhead_from
+        if not self._segment:
+            per_unit = prior.per_unit_s / self.weight
+            return SpeedEstimate(overhead, per_unit, 0, "weight", overhead_from, "weight")
+        samples = sum(p.count for p in self._segment)
+        source: Source = "benchmark" if all(p.benchmark for p in self._segment) else "measured"
+        fitted = self._own_fit()
+        if fitted is not None:
+            return SpeedEstimate(fitted[0], fitted[1], samples, source, "measured", "measured")
+        mean_x, mean_y = _means(self._weighted(self._segment))
+        overhead = min(overhead, MAX_OVERHEAD_SHARE * mean_y)
+        per_unit = max((mean_y - overhead) / mean_x, _MIN_SLOPE)
+        return SpeedEstimate(overhead, per_unit, samples, source, overhead_from, "one size")
+
+    # --- the segment -----------------------------------------------------------------------
+
+    def _add(self, point: _Point) -> None:
+        self._segment.append(point)
+        self._changed()
+
+    def _restart(self, points: list[_Point], *, keep_previous: bool) -> None:
+        """A new segment from ``points``: the node's speed changed."""
+        own = self.measured_overhead_s
+        if own is not None:
+            self._earlier_overhead_s = own
+        self._previous = self._segment if keep_previous and self._segment else None
+        self._segment = deque(points, maxlen=self._segment.maxlen)
+        self._pending = []
+        self.changes += 1
+        self._changed()
+
+    def _changed(self) -> None:
+        self._cache.clear()
+        self._own_known = False
+
+    def _weighted(self, points: Sequence[_Point]) -> list[tuple[float, float, float]]:
+        newest = len(points) - 1
+        return [
+            (p.work, p.seconds, p.weight * self._decay ** (newest - age))
+            for age, p in enumerate(points)
         ]
-        samples = self._accepted
-        if prior is not None:
-            # The benchmark counts as the oldest jobs: it fades as jobs come in.
-            weight = self._prior_weight * self._decay ** min(count, self._accepted)
-            points += [(x, prior.predict_s(x), weight) for x in self._prior_works]
-            samples += prior.samples
-        fitted = fit_line(points)
-        if fitted is None:
-            # Every job had the same work: the overhead can't be told from the slope.
-            overhead = prior.overhead_s if prior is not None else 0.0
-            per_unit = _through_origin([(x, max(y - overhead, 0.0), w) for x, y, w in points])
-            fitted = overhead, per_unit
-        return SpeedEstimate(fitted[0], fitted[1], samples, "measured")
+
+    def _own_fit(self) -> tuple[float, float] | None:
+        if not self._own_known:
+            self._own, self._own_known = self._fit(self._segment), True
+        return self._own
+
+    def _fit(self, points: Sequence[_Point]) -> tuple[float, float] | None:
+        """The segment's own line when its works differ enough (``min_spread``) to fix both."""
+        if not points:
+            return None
+        works = [p.work for p in points]
+        if max(works) < (1 + self._min_spread) * min(works):
+            return None
+        return fit_line(self._weighted(points))
+
+    def _judge(self, points: Sequence[_Point], point: _Point) -> tuple[Verdict, int]:
+        """How ``point`` compares with what ``points`` predict; side +1 slower, -1 faster."""
+        low, high = self._expected(points, point.work)
+        seconds = point.seconds
+        if low <= seconds <= high:
+            return "fits", 0
+        side = 1 if seconds > high else -1
+        excess = seconds - high if side > 0 else low - seconds
+        if excess <= self._band_floor_s:
+            return "fits", 0
+        if side > 0 and seconds > self._outlier_ratio * high + self._outlier_floor_s:
+            return "outlier", side
+        ratio = seconds / high if side > 0 else low / max(seconds, 1e-9)
+        if ratio >= 1 + self._jump_band:
+            return "jump", side
+        if ratio >= 1 + self._drift_band:
+            return "drift", side
+        return "fits", 0
+
+    def _expected(self, points: Sequence[_Point], work: float) -> tuple[float, float]:
+        """The seconds ``points`` allow at ``work``: the fitted line's, or every physical one's.
+
+        At one work only, any line with a non-negative overhead and a positive slope through the
+        points is possible: from the flat one to the one through the origin.
+        """
+        fitted = self._fit(points)
+        if fitted is not None:
+            predicted = fitted[0] + fitted[1] * work
+            return predicted, predicted
+        mean_x, mean_y = _means(self._weighted(points))
+        through_origin = mean_y * work / mean_x
+        return min(mean_y, through_origin), max(mean_y, through_origin)
+
+
+def _means(pts: Sequence[tuple[float, float, float]]) -> tuple[float, float]:
+    total = math.fsum(w for _, _, w in pts)
+    return (
+        math.fsum(w * x for x, _, w in pts) / total,
+        math.fsum(w * y for _, y, w in pts) / total,
+    )
+
+
+def cluster_prior(models: Iterable[SpeedModel]) -> Prior:
+    """What the nodes' own measurements say of nodes in general.
+
+    The overhead is the median of the overheads the nodes' own points fix; while none does, the
+    median of what the measured nodes assume (the nominal overhead, within their jobs' times),
+    so an unmeasured node is not handicapped against them; with nothing measured, the nominal
+    one. The per-unit time at weight 1 is the median of the measured nodes' times per unit
+    times their weights (else the nominal one). Pure: the same models give the same prior.
+    """
+    models = list(models)
+    overheads = [o for o in (m.measured_overhead_s for m in models) if o is not None]
+    prior = Prior()
+    if overheads:
+        prior = Prior(statistics.median(overheads), "other nodes")
+    elif assumed := [m.estimate(prior).overhead_s for m in models if m.measured]:
+        prior = Prior(statistics.median(assumed), "nominal")
+    per_units = [m.estimate(prior).per_unit_s * m.weight for m in models if m.measured]
+    if per_units:
+        prior = Prior(prior.overhead_s, prior.overhead_from, statistics.median(per_units))
+    return prior

@@ -178,7 +178,13 @@ class _Job:
             state.nextjob()
             batch_texts = [infotext(gen, k) for k in ks]
             rendered = await asyncio.to_thread(
-                _render, gen, ks, plan.digests, size, batch_texts if pnginfo else None
+                _render,
+                gen,
+                ks,
+                plan.digests,
+                size,
+                batch_texts if pnginfo else None,
+                node.settings.realistic_images,
             )
             node.images_rendered += len(rendered)
             texts.extend(batch_texts)
@@ -216,6 +222,7 @@ def _render(
     digests: list[bytes | None],
     size: tuple[int, int],
     texts: list[str] | None,
+    realistic: bool = False,
 ) -> list[tuple[Image.Image, bytes]]:
     """Images k of the job, each from its own seed, prompt and init image only."""
     rendered = []
@@ -228,6 +235,7 @@ def _render(
             width=size[0],
             height=size[1],
             init_image_digest=digests[i],
+            realistic=realistic,
         )
         rendered.append((picture, encode_png(picture, texts[i] if texts else None)))
     return rendered

@@ -79,6 +79,7 @@ class FakeNodeSettings:
     embeddings: tuple[str, ...] = ()
     vaes: tuple[str, ...] = ()
     gradio_auth: str | None = None  # shows up in cmd-flags only, like --gradio-auth
+    realistic_images: bool = False  # PNGs as large as a webui's: seeded grain PNG can't shrink
 
 
 @dataclass

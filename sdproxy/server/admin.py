@@ -57,6 +57,11 @@ def node_status(cluster: Cluster, benchmarker: Benchmarker, node: str) -> dict[s
             "overhead_s": round(estimate.overhead_s, 4),
             "per_image_s": round(estimate.per_unit_s, 4),  # 20 steps at 512x512
             "samples": estimate.samples,
+            # How each term is known: measured, earlier, other nodes, nominal / one size, weight.
+            "identified": {
+                "overhead_s": estimate.overhead_from,
+                "per_image_s": estimate.per_unit_from,
+            },
         },
         "benchmark": {
             "running": node in benchmarker.running,

@@ -66,6 +66,8 @@ class TestPlanningFromSpeed:
         ):
             before = await cluster_status(session, url)
             assert [n["speed"]["source"] for n in before["nodes"]] == ["weight", "weight"]
+            unmeasured = {"overhead_s": "nominal", "per_image_s": "weight"}
+            assert [n["speed"]["identified"] for n in before["nodes"]] == [unmeasured] * 2
             assert before["max_queued_images"] == 4000
             await post_json(session, f"{url}/sdapi/v1/txt2img", {"batch_size": 4, **SMALL})
             after = await cluster_status(session, url)
@@ -73,6 +75,9 @@ class TestPlanningFromSpeed:
                 assert node["speed"]["source"] == "measured"
                 assert node["speed"]["samples"] == 1
                 assert node["speed"]["per_image_s"] > 0
+                assert node["speed"]["overhead_s"] > 0  # assumed: one size seen
+                one_size = {"overhead_s": "nominal", "per_image_s": "one size"}
+                assert node["speed"]["identified"] == one_size
                 assert node["backlog_s"] == 0
                 assert node["benchmark"]["measured_at"] is None
             assert after["queued_images"] == 0
