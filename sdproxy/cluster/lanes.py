@@ -12,10 +12,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Coroutine
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from sdproxy.cluster.clock import Clock
 from sdproxy.cluster.work import Job, Run
@@ -27,11 +27,17 @@ STEAL_INTERVAL_S = 0.5  # how often an idle lane looks for late work elsewhere
 
 @dataclass(eq=False)
 class Background:
-    """Work a lane runs only while no client job waits (a benchmark run)."""
+    """Work a lane runs only while no client job waits (a benchmark run).
+
+    ``preempt``, if given, is called when a client job arrives while this runs: it asks the
+    node to stop (the webui's interrupt), and the work puts itself back in line. The lane keeps
+    the node's turn until that call is done, so the interrupt can only reach this work.
+    """
 
     work: float  # units, for the backlog while it runs
     run: Callable[[], Awaitable[None]]
     requests: int = 1
+    preempt: Callable[[], Coroutine[Any, Any, None]] | None = None
 
 
 class LaneHost(Protocol):
@@ -75,6 +81,7 @@ class Lane:
         self._host = host
         self._steal_interval_s = steal_interval_s
         self._wake = asyncio.Event()
+        self._preempting: asyncio.Task[None] | None = None  # asking a background run to stop
 
     @property
     def idle(self) -> bool:
@@ -87,10 +94,17 @@ class Lane:
 
     def submit(self, job: Job) -> None:
         self.pending.append(job)
+        current = self.current
+        if isinstance(current, Background) and current.preempt and self._preempting is None:
+            self._preempting = asyncio.create_task(current.preempt(), name=f"preempt {self.name}")
         self._changed()
 
-    def submit_background(self, work: Background) -> None:
-        self.background.append(work)
+    def submit_background(self, work: Background, *, first: bool = False) -> None:
+        """Queue background work (``first``: ahead of the rest, e.g. a preempted run)."""
+        if first:
+            self.background.appendleft(work)
+        else:
+            self.background.append(work)
         self._changed()
 
     def take_pending(self) -> list[Job]:
@@ -193,5 +207,19 @@ class Lane:
             if isinstance(item, Job):
                 self._host.job_crashed(self, item, exc)
         finally:
+            await self._preempted()
             self.current = None
             self._host.queue_changed(self)
+
+    async def _preempted(self) -> None:
+        """Wait for a preemption's interrupt call to end, still holding the node's turn."""
+        task, self._preempting = self._preempting, None
+        if task is None:
+            return
+        try:
+            await task
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        except Exception:
+            log.exception("node %s: preempting background work failed", self.name)

@@ -13,7 +13,18 @@ from sdproxy.cluster.benchmark import BenchmarkResult, fit_runs, load_state, sav
 from sdproxy.config import Settings, load_settings
 from sdproxy.core.speed import image_work
 from sdproxy.fakewebui import FakeNodeSettings
-from tests.support import cluster_status, fake_nodes, free_port, proxy, wait_for_status
+from tests.support import (
+    SMALL,
+    assert_same_as_one_node,
+    cluster_status,
+    fake_nodes,
+    free_port,
+    post_json,
+    proxy,
+    reference_answer,
+    wait_for_status,
+    wait_until,
+)
 
 QUICK = {"steps": 20, "width": 64, "height": 64, "warmup_runs": 1, "timed_runs": 1}
 
@@ -163,6 +174,35 @@ class TestBackgroundBenchmark:
                     assert (await resp.json())["error"] == "HTTPException"
             assert nodes[0].node.generations == generations[0]
             assert nodes[1].node.generations == generations[1] + 3
+
+
+class TestBenchmarkGivesWay:
+    """A client job never waits for a benchmark: the run in progress is stopped and redone."""
+
+    async def test_client_job_interrupts_a_benchmark_run_which_is_redone(self) -> None:
+        """Mid-run, a request arrives: the node is told to stop, renders the request, and the
+        benchmark still ends with all its runs, never two jobs on the node at once."""
+        bench = {**QUICK, "batch_sizes": [1, 2]}
+        slow = FakeNodeSettings(name="a", per_image_s=32.0)  # 0.5 s an image at 64 px
+        async with (
+            fake_nodes(slow) as nodes,
+            proxy(nodes, benchmark=bench) as url,
+            aiohttp.ClientSession() as session,
+        ):
+            node = nodes[0].node
+            await wait_until(lambda: node.state.sampling_step >= 1, what="a benchmark run")
+            body = {"batch_size": 1, "seed": 5, **SMALL}
+            status, answer, headers = await post_json(session, f"{url}/sdapi/v1/txt2img", body)
+            assert status == 200, answer
+            assert headers["X-Sdproxy-Shares"] == "a:0-0"
+            assert node.requests["POST /sdapi/v1/interrupt"] == 1
+            done = await wait_for_status(
+                session, url, lambda s: s["nodes"][0]["benchmark"]["measured_at"] is not None
+            )
+            assert done["nodes"][0]["benchmark"]["error"] is None
+            assert node.stats()["max_concurrent_jobs"] == 1
+            single = await reference_answer(session, nodes[0], "txt2img", body, answer)
+            assert_same_as_one_node(answer, single, body)
 
 
 class TestStateFileUnwritable:

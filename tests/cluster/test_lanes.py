@@ -151,6 +151,33 @@ class TestBackground:
         await settle()
         assert ran == ["bench"]
 
+    async def test_client_job_preempts_running_background(self, running: tuple[Lane, Host]) -> None:
+        """A client job arriving stops the background run (its preempt), and waits for that."""
+        lane, host = running
+        bench_done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        interrupt_done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        calls: list[str] = []
+
+        async def bench() -> None:
+            await bench_done
+
+        async def preempt() -> None:
+            calls.append("interrupt")
+            await interrupt_done
+
+        lane.submit_background(Background(1.0, bench, preempt=preempt))
+        await settle()
+        job = Job(make_run(), Chunk(0, 1, 1))
+        lane.submit(job)
+        await settle()
+        assert calls == ["interrupt"]
+        bench_done.set_result(None)  # the node stopped the run and answered
+        await settle()
+        assert host.started == []  # the interrupt call is not done: the turn is still held
+        interrupt_done.set_result(None)
+        await settle()
+        assert host.started == [job]
+
     async def test_backlog_counts_running_background_not_queued(self) -> None:
         """The run in progress delays client work; runs still queued do not."""
         host = Host()
