@@ -152,6 +152,7 @@ class Dispatcher:
                     overhead_s=estimate.overhead_s,
                     per_unit_s=estimate.per_unit_s * unit_work,
                     backlog_s=self.backlog_s(self._lanes[node], now),
+                    background_s=self._lanes[node].background_s(now),
                     batch_limit=limit,
                     seen_units=seen / unit_work if seen is not None else None,
                 )

@@ -23,6 +23,9 @@ from sdproxy.cluster.work import Job, Run
 log = logging.getLogger(__name__)
 
 STEAL_INTERVAL_S = 0.5  # how often an idle lane looks for late work elsewhere
+# Background work starts only after the node has been free of client jobs this long: clients
+# send requests in runs, and a benchmark run started between two of them delays the second.
+BACKGROUND_AFTER_IDLE_S = 0.25
 
 
 @dataclass(eq=False)
@@ -82,6 +85,7 @@ class Lane:
         self._steal_interval_s = steal_interval_s
         self._wake = asyncio.Event()
         self._preempting: asyncio.Task[None] | None = None  # asking a background run to stop
+        self._client_done_at = float("-inf")  # clock time the last client job ended
 
     @property
     def idle(self) -> bool:
@@ -139,18 +143,34 @@ class Lane:
     def backlog_s(self, now: float) -> float:
         """Predicted seconds until this node has finished what is queued on it.
 
-        Queued background work is left out: it waits for the client work.
+        Queued background work is left out: it waits for the client work. Background work in
+        progress that a client job would preempt counts at most one request's overhead: about
+        what stopping it costs.
         """
         host, total = self._host, 0.0
         current = self.current
         if current is not None and (not isinstance(current, Job) or current.live):
             requests = current.requests if isinstance(current, Background) else 1
             predicted = host.predict_s(self.name, current.work, requests)
-            total += max(predicted - (now - self.started_at), 0.0)
+            left = max(predicted - (now - self.started_at), 0.0)
+            if isinstance(current, Background) and current.preempt is not None:
+                left = min(left, host.predict_s(self.name, 0.0))
+            total += left
         for job in self.pending:
             if job.live:
                 total += host.predict_s(self.name, job.work)
         return total
+
+    def background_s(self, now: float) -> float:
+        """The part of :meth:`backlog_s` that is background work in progress (it gives way)."""
+        current = self.current
+        if not isinstance(current, Background):
+            return 0.0
+        predicted = self._host.predict_s(self.name, current.work, current.requests)
+        left = max(predicted - (now - self.started_at), 0.0)
+        if current.preempt is not None:
+            left = min(left, self._host.predict_s(self.name, 0.0))
+        return left
 
     def _changed(self) -> None:
         self._wake.set()
@@ -167,12 +187,19 @@ class Lane:
             self._host.rebalance()
 
     async def _wait_for_work(self) -> None:
-        while not self.pending and not self.background:
+        clock = self._host.clock
+        while not self.pending:
+            idle_for = clock.now() - self._client_done_at
+            if self.background and idle_for >= BACKGROUND_AFTER_IDLE_S:
+                return
             self._wake.clear()
             if self._host.rebalance():
                 continue
             # Idle: look again now and then, in case work elsewhere runs late.
-            await self._host.clock.wait(self._wake, self._steal_interval_s)
+            wait_s = self._steal_interval_s
+            if self.background:
+                wait_s = min(wait_s, BACKGROUND_AFTER_IDLE_S - idle_for)
+            await clock.wait(self._wake, wait_s)
 
     def _next(self) -> Job | Background | None:
         """The next client job, else the next background work; None if nothing is left."""
@@ -208,6 +235,8 @@ class Lane:
                 self._host.job_crashed(self, item, exc)
         finally:
             await self._preempted()
+            if isinstance(item, Job):
+                self._client_done_at = self._host.clock.now()
             self.current = None
             self._host.queue_changed(self)
 

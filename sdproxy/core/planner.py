@@ -45,6 +45,8 @@ class NodeLoad:
     batch_limit: int | None = None  # units per node request; None: any count is one request
     # While the node's model has seen jobs of one size only: that size, in units of this request.
     seen_units: float | None = None
+    # Of backlog_s, background work (a benchmark run) that gives way: nobody waits behind it.
+    background_s: float = 0.0
 
 
 def share_time_s(node: NodeLoad, count: int) -> float:
@@ -127,7 +129,7 @@ def overhead_weight(units: int, nodes: Sequence[NodeLoad], traffic: Traffic) -> 
     stream (clients sending a new request as each answer comes) thus keeps requests whole,
     while a small burst after a quiet spell is split to end it early.
     """
-    busy = traffic.in_flight > 0 or any(node.backlog_s > 0 for node in nodes)
+    busy = traffic.in_flight > 0 or any(node.backlog_s > node.background_s for node in nodes)
     if not busy or not nodes:
         return 0.0
     horizon_s = min(share_time_s(node, units) for node in nodes)

@@ -195,6 +195,13 @@ class TestOverheadWeight:
         assert overhead_weight(4, nodes, Traffic(in_flight=1)) == 1.5
         assert overhead_weight(4, nodes[1:], Traffic(in_flight=2)) == 3.0
 
+    def test_overhead_weight_background_work_is_not_busy(self) -> None:
+        """A benchmark run in progress gives way: it delays this plan, it makes nobody wait."""
+        nodes = [NodeLoad("a", 0.3, 0.1, backlog_s=0.3, background_s=0.3), NodeLoad("b", 0.3, 0.2)]
+        assert overhead_weight(4, nodes, Traffic()) == 0.0
+        behind = [NodeLoad("a", 0.3, 0.1, backlog_s=1.3, background_s=0.3), NodeLoad("b", 0.3, 0.2)]
+        assert overhead_weight(4, behind, Traffic()) == 1.0
+
     def test_overhead_weight_adds_followers_within_the_horizon(self) -> None:
         """Requests that finished within the best whole finish count as followers."""
         nodes = [NodeLoad("a", 0.3, 0.1, backlog_s=1.0), NodeLoad("b", 0.3, 0.5)]
