@@ -8,7 +8,7 @@ import json
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -25,15 +25,7 @@ async def running(
     argv: list[str], env: dict[str, str]
 ) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
     """``sdproxy *argv`` as a subprocess, with its first stderr line once it has logged one."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "sdproxy",
-        *argv,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, **env},
-    )
+    process = await sdproxy_process(argv, env, stdout=asyncio.subprocess.DEVNULL)
     try:
         assert process.stderr is not None
         async with asyncio.timeout(30):
@@ -50,16 +42,23 @@ async def running(
             await process.wait()
 
 
-async def run_cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
+async def sdproxy_process(
+    argv: Sequence[str], env: dict[str, str] | None, *, stdout: int = asyncio.subprocess.PIPE
+) -> asyncio.subprocess.Process:
+    """``python -m sdproxy *argv`` with ``env`` added to this environment; stderr piped."""
+    return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "sdproxy",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
+        *argv,
+        stdout=stdout,
         stderr=asyncio.subprocess.PIPE,
         env={**os.environ, **(env or {})},
     )
+
+
+async def run_cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    process = await sdproxy_process(args, env)
     async with asyncio.timeout(30):
         out, err = await process.communicate()
     assert process.returncode is not None

@@ -35,7 +35,7 @@ from sdproxy.fakewebui.model import (
     RequestValidationError,
     validate_request,
 )
-from tests.support import SMALL, free_port, wait_until, wait_until_serving
+from tests.support import SMALL, free_port, info_of, pixels, wait_until, wait_until_serving
 
 Client = TestClient[web.Request, web.Application]
 TITLE = "v1-5-pruned-emaonly.safetensors [6ce0161689]"
@@ -70,16 +70,6 @@ async def generate(client: Client, body: dict[str, Any], mode: str = "txt2img") 
     assert status == 200, answer
     result: dict[str, Any] = answer
     return result
-
-
-def info_of(answer: dict[str, Any]) -> dict[str, Any]:
-    info: dict[str, Any] = json.loads(answer["info"])
-    return info
-
-
-def pixels(image_b64: str) -> bytes:
-    with Image.open(io.BytesIO(base64.b64decode(image_b64))) as image:
-        return image.convert("RGB").tobytes()
 
 
 def image_of(image_b64: str) -> Image.Image:

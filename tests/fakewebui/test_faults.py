@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import io
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -12,10 +11,9 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from PIL import Image
 
 from sdproxy.fakewebui import FakeNode, FakeNodeSettings, Fault, FaultMode, create_fake_app
-from tests.support import SMALL
+from tests.support import SMALL, info_of, pixels
 
 Client = TestClient[web.Request, web.Application]
 BODY = {"prompt": "a fox", "seed": 500, "subseed": 40, "batch_size": 2, **SMALL}
@@ -34,16 +32,6 @@ async def txt2img(client: Client, body: dict[str, Any] = BODY) -> dict[str, Any]
         assert resp.status == 200
         answer: dict[str, Any] = await resp.json()
         return answer
-
-
-def info_of(answer: dict[str, Any]) -> dict[str, Any]:
-    info: dict[str, Any] = json.loads(answer["info"])
-    return info
-
-
-def pixels(image_b64: str) -> bytes:
-    with Image.open(io.BytesIO(base64.b64decode(image_b64))) as image:
-        return image.convert("RGB").tobytes()
 
 
 class TestLies:
