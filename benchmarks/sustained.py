@@ -69,6 +69,7 @@ class Load:
     images_per_s: float
     p50_s: float
     p95_s: float
+    mean_s: float  # in a closed loop clients / throughput: the same for every fair method
     node_requests: float  # node requests per client request
     requests: int  # client requests finished in the window
 
@@ -161,7 +162,8 @@ async def run_method(
             outcome = await closed_loop(whole.post, cl, clients, size, warm_s, window_s)
     rate, latencies, node_requests, count = outcome
     cuts = statistics.quantiles(latencies, n=20) if len(latencies) >= 2 else latencies * 19
-    return Load(method, rate, statistics.median(latencies), cuts[18], node_requests, count)
+    median, mean = statistics.median(latencies), statistics.fmean(latencies)
+    return Load(method, rate, median, cuts[18], mean, node_requests, count)
 
 
 async def run(only: str | None, state_dir: Path) -> list[tuple[str, bool]]:
@@ -172,7 +174,7 @@ async def run(only: str | None, state_dir: Path) -> list[tuple[str, bool]]:
     print("\nsustained load (closed loop, batch 4, realistic images)", flush=True)
     print(
         f"{'size':>5} {'clients':>7} {'method':<12} {'img/s':>6} {'vs limit':>8} "
-        f"{'p50 s':>6} {'p95 s':>6} {'node req/req':>12} {'requests':>8}",
+        f"{'p50 s':>6} {'p95 s':>6} {'mean s':>6} {'node req/req':>12} {'requests':>8}",
         flush=True,
     )
     async with fake_cluster(specs(512)) as cluster:
@@ -188,6 +190,7 @@ async def run(only: str | None, state_dir: Path) -> list[tuple[str, bool]]:
                 print(
                     f"{size:>5} {clients:>7} {method:<12} {row.images_per_s:>6.2f} "
                     f"{row.images_per_s / limit:>8.2f} {row.p50_s:>6.2f} {row.p95_s:>6.2f} "
+                    f"{row.mean_s:>6.2f} "
                     f"{row.node_requests:>12.2f} {row.requests:>8}",
                     flush=True,
                 )
