@@ -232,6 +232,7 @@ class Benchmarker:
         self._timeout_s = timeout_s
         self._tasks: set[asyncio.Task[None]] = set()
         self._store_lock = asyncio.Lock()  # one read-modify-write of the state file at a time
+        host.state.on_benchmark(self._heard)
 
     async def load(self) -> list[str]:
         """Apply stored results to the nodes; return the nodes that have none."""
@@ -240,11 +241,33 @@ class Benchmarker:
         missing = []
         for name, client in self.host.clients.items():
             result = stored.get(name)
-            if result is not None and result.url == client.settings.base_url:
+            if result is None or result.url != client.settings.base_url:
+                result = self._from_replica(name, await self.host.state.shared_benchmark(name))
+            if result is not None:
                 self._apply(result)
             else:
                 missing.append(name)
         return missing
+
+    def _from_replica(self, node: str, data: dict[str, Any] | None) -> BenchmarkResult | None:
+        """A result another replica shared (without the node's URL), or None if not one."""
+        client = self.host.clients.get(node)
+        if data is None or client is None:
+            return None
+        try:
+            result = BenchmarkResult.from_json({**data, "url": client.settings.base_url})
+        except (TypeError, ValueError, KeyError):
+            return None
+        numbers = (result.measured_at, result.overhead_s, result.per_image_s)
+        if result.node != node or not all(isinstance(n, int | float) for n in numbers):
+            return None
+        return result
+
+    def _heard(self, node: str, data: dict[str, Any]) -> None:
+        result = self._from_replica(node, data)
+        if result is not None:
+            log.info("node %s: benchmarked by another replica", node)
+            self._apply(result)
 
     def start(self, names: Iterable[str]) -> list[str]:
         """Benchmark ``names`` in the background (those not already running); return them."""
@@ -272,6 +295,9 @@ class Benchmarker:
 
     async def _run_one(self, name: str) -> None:
         try:
+            if not await self.host.state.claim_benchmark(name):
+                log.info("node %s is being benchmarked by another replica", name)
+                return
             await self._measure(name)
         except Exception:  # a background task: a bug is logged, the other nodes go on
             log.exception("benchmark of node %s crashed", name)
@@ -338,6 +364,7 @@ class Benchmarker:
             return
         self.errors.pop(name, None)
         self.results[name] = result  # its timed runs taught the model as each ended
+        self.host.state.share_benchmark(name, result.to_json())
         log.info(
             "node %s: %.2f s overhead, %.3f s per image (20 steps, 512x512)",
             name,

@@ -8,6 +8,7 @@ finishes it first. Work that finds no usable node is parked (parking.py).
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Collection, Mapping
 
@@ -27,7 +28,8 @@ from sdproxy.core.planner import (
     plan_under_load,
     vary_for_learning,
 )
-from sdproxy.errors import NodeRaised, NoNodeAvailable, SdproxyError
+from sdproxy.core.request import GenerationRequest
+from sdproxy.errors import NodeRaised, NoNodeAvailable, QueueFull, SdproxyError
 
 
 class Dispatcher:
@@ -130,9 +132,26 @@ class Dispatcher:
             ),
         )
 
+    def queued_images(self) -> int:
+        """Client images queued or rendering on this process's lanes."""
+        return sum(lane.queued_images for lane in self._lanes.values())
+
+    def check_queue(self, request: GenerationRequest, usable: list[str], limit: int) -> None:
+        """429 when ``request`` would take the queue of every replica past ``limit``
+        (``[scheduler] max_queued_images``)."""
+        queued = self.queued_images() + sum(self._state.others_load(n)[1] for n in self._lanes)
+        if queued and queued + request.total_images > limit:
+            now = self._clock.now()
+            soonest = min(self.backlog_s(self._lanes[name], now) for name in usable)
+            raise QueueFull(
+                f"{queued} images are queued; sdproxy takes at most {limit} "
+                f"(scheduler.max_queued_images)",
+                retry_after_s=min(max(math.ceil(soonest), 1), 600),
+            )
+
     def backlog_s(self, lane: Lane, now: float) -> float:
         """Seconds of work ahead on the lane's node: ours and other processes'."""
-        return lane.backlog_s(now) + self._state.others_backlog_s(lane.name)
+        return lane.backlog_s(now) + self._state.others_load(lane.name)[0]
 
     def _plan(self, run: Run, units: int, start: int, usable: list[str]) -> list[Share]:
         """Shares of ``units`` from ``start`` that end earliest given every node's backlog."""

@@ -7,16 +7,14 @@ idle lanes take over late work (stealing.py); work with no usable node is parked
 one watcher per node probes it (watcher.py); a finished run is merged (answers.py).
 
 The Cluster holds what this process runs (lanes, requests in flight) and leaves what every
-replica shares to the :class:`~sdproxy.cluster.state.ClusterState`. Its tasks are supervised:
-a job whose handling raises is logged, tried once on another node, then answered with a 500
-naming the request; a lane or watcher that dies is restarted.
+replica shares to the ClusterState (state.py). Its tasks are supervised: a job whose handling
+raises is logged, tried once elsewhere, then answered with a 500 naming the request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import random
 from collections.abc import Callable, Coroutine
 from contextlib import AbstractAsyncContextManager
@@ -27,6 +25,7 @@ import aiohttp
 from sdproxy.cluster import interrupts, stealing
 from sdproxy.cluster.answers import GenerationResult, LastRun, answer
 from sdproxy.cluster.checkpoints import CheckpointRouter
+from sdproxy.cluster.choose import open_state
 from sdproxy.cluster.clock import Clock, LoopClock
 from sdproxy.cluster.dispatch import Dispatcher
 from sdproxy.cluster.execute import execute
@@ -34,7 +33,7 @@ from sdproxy.cluster.forecast import Forecast
 from sdproxy.cluster.lanes import Lane
 from sdproxy.cluster.parking import Parking
 from sdproxy.cluster.settle import Settler
-from sdproxy.cluster.state import ClusterState, MemoryState
+from sdproxy.cluster.state import ClusterState
 from sdproxy.cluster.supervise import Supervisor
 from sdproxy.cluster.watcher import probe_once, retry_after_s, watch_node, why_none
 from sdproxy.cluster.work import Job, Run, ownership_problems
@@ -47,7 +46,6 @@ from sdproxy.errors import (
     NodeRaised,
     NoNodeAvailable,
     NotFound,
-    QueueFull,
     RequestTimeout,
     SdproxyError,
 )
@@ -75,7 +73,7 @@ class Cluster:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.clock = clock or LoopClock()
-        self.state = state or MemoryState(settings.nodes, settings.scheduler, self.clock)
+        self.state = state or open_state(settings, self.clock)
         scheduler = settings.scheduler
         self.clients = {n.name: NodeClient(session, n, scheduler) for n in settings.nodes}
         self.runs: set[Run] = set()  # requests in flight, and left ones with jobs still running
@@ -103,10 +101,18 @@ class Cluster:
         self._tasks: set[asyncio.Task[None]] = set()
         self._wakes = {name: asyncio.Event() for name in self.clients}
         self.state.on_health_change(self._health_changed)
-        self.state.track_backlog(self._backlog_view)
+        self.state.track_backlog(self._backlog_view, lambda: len(self.runs))
+        self.state.on_broadcast(
+            "interrupt", lambda: self._relay("interrupt", self.interrupt_running())
+        )
+        self.state.on_broadcast("skip", lambda: self._relay("skip", self.running_nodes()))
+        self.state.on_checkpoint(
+            lambda: self._spawn(self.router.refresh_all(list(self.clients)), "refresh")
+        )
 
     async def start(self) -> None:
-        """Probe every node once, sync the usable ones, then start the lanes and watchers."""
+        """Join the replicas, probe every node once, sync the usable ones, start the lanes."""
+        await self.state.start()
         timeout_s = self.settings.scheduler.health_timeout_s
         async with asyncio.TaskGroup() as group:
             for name in self.clients:
@@ -131,6 +137,7 @@ class Cluster:
         interrupts.withdraw(set(self.runs), self.lanes, self.parking)
         for run in self.runs:
             run.fail(NoNodeAvailable("sdproxy is shutting down"))
+        await self.state.aclose()
 
     def client(self, name: str) -> NodeClient:
         """The node called ``name``; NotFound (404) if there is none."""
@@ -142,13 +149,8 @@ class Cluster:
         """Nodes that may be given work: up and not disabled."""
         return [self.clients[name] for name in self.dispatcher.usable_nodes()]
 
-    @property
-    def waiting_images(self) -> int:
-        """Images of requests parked until a node comes back."""
-        return self.parking.waiting_images
-
     def queued_images(self) -> int:
-        return sum(lane.queued_images for lane in self.lanes.values())
+        return self.dispatcher.queued_images()
 
     def backlog_s(self, node: str) -> float:
         return self.dispatcher.backlog_s(self.lanes[node], self.clock.now())
@@ -165,9 +167,10 @@ class Cluster:
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         """Render ``request`` on the usable nodes and merge the answers into one."""
+        self.state.admit()
         usable = self.dispatcher.usable_nodes()
         if usable:
-            self._check_queue(request, usable)
+            self.dispatcher.check_queue(request, usable, self.settings.scheduler.max_queued_images)
         run = Run(
             request,
             resolve_seeds(request, self._rng),
@@ -261,18 +264,6 @@ class Cluster:
         for run in [run for run in self.runs if run.settled]:
             self.runs.discard(run)
 
-    def _check_queue(self, request: GenerationRequest, usable: list[str]) -> None:
-        """429 when this request would take the queue past max_queued_images."""
-        limit = self.settings.scheduler.max_queued_images
-        queued = self.queued_images()
-        if queued and queued + request.total_images > limit:
-            soonest = min(self.backlog_s(name) for name in usable)
-            raise QueueFull(
-                f"{queued} images are queued; sdproxy takes at most {limit} "
-                f"(scheduler.max_queued_images)",
-                retry_after_s=min(max(math.ceil(soonest), 1), 600),
-            )
-
     # --- the lanes' host -------------------------------------------------------------------
 
     def usable(self, node: str) -> bool:
@@ -365,9 +356,17 @@ class Cluster:
         self._wakes[name].set()
         return client
 
+    def _relay(self, path: str, nodes: list[str]) -> None:
+        """Another replica was asked to interrupt or skip: so are this one's running jobs."""
+        if nodes:
+            self._spawn(self.tell(nodes, path), f"{path} (relayed)")
+
     def running_jobs(self) -> list[tuple[str, Job]]:
         """(node, job) for every job a node is rendering now (see interrupts.py)."""
         return interrupts.running_jobs(self.lanes)
+
+    def running_nodes(self) -> list[str]:
+        return [name for name, _ in self.running_jobs()]
 
     def interrupt_running(self) -> list[str]:
         """Interrupt the requests being rendered; the nodes to send the interrupt to.

@@ -18,7 +18,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from sdproxy.cluster.clock import Clock
 from sdproxy.config import NodeSettings, SchedulerSettings
@@ -27,6 +27,8 @@ from sdproxy.core.speed import ObservationSource, SpeedEstimate, SpeedModel
 
 HealthListener = Callable[[str], None]  # called with a node's name when its health changes
 BacklogView = Callable[[str], tuple[float, int]]  # node -> (backlog seconds, queued images)
+BenchmarkListener = Callable[[str, dict[str, Any]], None]  # (node, result) from another replica
+Signal = Callable[[], None]  # an "every replica, now" message from another replica
 
 
 @dataclass
@@ -43,6 +45,22 @@ class ClusterState(Protocol):
     @property
     def nodes(self) -> Sequence[str]:
         """Every configured node, in configuration order."""
+        ...
+
+    async def start(self) -> None:
+        """Join the other replicas (a shared store); before the cluster's first probe."""
+        ...
+
+    async def aclose(self) -> None:
+        """Leave: give back the turns held, say goodbye."""
+        ...
+
+    def admit(self) -> None:
+        """Raise a 503 if new generations are refused (shared state gone, ``refuse``)."""
+        ...
+
+    def status(self) -> dict[str, Any]:
+        """For /cluster/status: ``mode`` (single, shared, local) and the replicas."""
         ...
 
     # --- health ----------------------------------------------------------------------------
@@ -73,6 +91,10 @@ class ClusterState(Protocol):
         """Call ``listener(node)`` whenever a node's health changes, wherever it was changed."""
         ...
 
+    async def claim_probe(self, node: str) -> bool:
+        """This process probes the node now (with replicas, one of them per interval)."""
+        ...
+
     # --- speed -----------------------------------------------------------------------------
 
     def speed(self, node: str) -> SpeedModel:
@@ -89,18 +111,35 @@ class ClusterState(Protocol):
         self, node: str, estimate: SpeedEstimate, works: tuple[float, float]
     ) -> None: ...
 
+    async def claim_benchmark(self, node: str) -> bool:
+        """This process benchmarks the node (with replicas, one of them does)."""
+        ...
+
+    def share_benchmark(self, node: str, result: dict[str, Any]) -> None:
+        """A benchmark this process finished, for the others (no node URL in it)."""
+        ...
+
+    async def shared_benchmark(self, node: str) -> dict[str, Any] | None:
+        """The node's latest benchmark from any replica, if shared."""
+        ...
+
+    def on_benchmark(self, listener: BenchmarkListener) -> None:
+        """Call ``listener(node, result)`` for benchmarks other replicas finish."""
+        ...
+
     # --- counters and others' work ---------------------------------------------------------
 
     def counters(self, node: str) -> NodeCounters: ...
 
     def count(self, node: str, *, images: int = 0, requests: int = 0) -> None: ...
 
-    def others_backlog_s(self, node: str) -> float:
-        """Seconds of work other sdproxy processes have queued or running on the node."""
+    def others_load(self, node: str) -> tuple[float, int]:
+        """(seconds, images) of work other sdproxy processes have queued or running on it."""
         ...
 
-    def track_backlog(self, view: BacklogView) -> None:
-        """Where to read what this process has queued on a node, for the others to plan with."""
+    def track_backlog(self, view: BacklogView, in_flight: Callable[[], int]) -> None:
+        """Where to read what this process has queued on a node and how many requests it
+        answers, for the others to plan with and show."""
         ...
 
     def backlog_changed(self, node: str) -> None:
@@ -119,6 +158,20 @@ class ClusterState(Protocol):
         ...
 
     def set_checkpoint(self, name: str | None) -> None: ...
+
+    def on_checkpoint(self, listener: Signal) -> None:
+        """Call ``listener()`` when another replica changes the cluster's checkpoint."""
+        ...
+
+    # --- signals to every replica ----------------------------------------------------------
+
+    def broadcast(self, kind: str) -> None:
+        """Tell the other replicas ``kind`` (interrupt, skip) now; this one acts itself."""
+        ...
+
+    def on_broadcast(self, kind: str, listener: Signal) -> None:
+        """Call ``listener()`` when another replica broadcasts ``kind``."""
+        ...
 
 
 class MemoryState:
@@ -143,8 +196,28 @@ class MemoryState:
     def nodes(self) -> Sequence[str]:
         return self._names
 
+    async def start(self) -> None:
+        return  # nobody to join
+
+    async def aclose(self) -> None:
+        return
+
+    def admit(self) -> None:
+        return  # nothing shared to lose
+
+    def status(self) -> dict[str, Any]:
+        return {"mode": "single"}
+
     def health(self, node: str) -> NodeHealth:
         return self._health[node]
+
+    def adopt_health(self, node: str, health: NodeHealth) -> None:
+        """Take ``health`` as the node's (heard from another replica); listeners hear of a
+        change of state."""
+        before = self._health[node]
+        self._health[node] = health
+        if (before.up, before.disabled) != (health.up, health.disabled):
+            self._changed(node)
 
     def usable(self, node: str) -> bool:
         return self._health[node].usable
@@ -174,6 +247,9 @@ class MemoryState:
     def on_health_change(self, listener: HealthListener) -> None:
         self._listeners.append(listener)
 
+    async def claim_probe(self, node: str) -> bool:
+        return True
+
     def _changed(self, node: str) -> None:
         for listener in self._listeners:
             listener(node)
@@ -189,6 +265,18 @@ class MemoryState:
     def set_benchmark(self, node: str, estimate: SpeedEstimate, works: tuple[float, float]) -> None:
         self._speed[node].set_benchmark(estimate, works)
 
+    async def claim_benchmark(self, node: str) -> bool:
+        return True
+
+    def share_benchmark(self, node: str, result: dict[str, Any]) -> None:
+        return  # the state file keeps it
+
+    async def shared_benchmark(self, node: str) -> dict[str, Any] | None:
+        return None
+
+    def on_benchmark(self, listener: BenchmarkListener) -> None:
+        return  # nobody else benchmarks
+
     def counters(self, node: str) -> NodeCounters:
         return self._counters[node]
 
@@ -197,10 +285,10 @@ class MemoryState:
         counters.images_rendered += images
         counters.requests_sent += requests
 
-    def others_backlog_s(self, node: str) -> float:
-        return 0.0  # no other process shares these nodes
+    def others_load(self, node: str) -> tuple[float, int]:
+        return 0.0, 0  # no other process shares these nodes
 
-    def track_backlog(self, view: BacklogView) -> None:
+    def track_backlog(self, view: BacklogView, in_flight: Callable[[], int]) -> None:
         return  # nobody to tell
 
     def backlog_changed(self, node: str) -> None:
@@ -220,3 +308,12 @@ class MemoryState:
 
     def set_checkpoint(self, name: str | None) -> None:
         self._checkpoint = name
+
+    def on_checkpoint(self, listener: Signal) -> None:
+        return  # only this process sets it
+
+    def broadcast(self, kind: str) -> None:
+        return  # no other replica
+
+    def on_broadcast(self, kind: str, listener: Signal) -> None:
+        return

@@ -77,6 +77,12 @@ async def watch_node(
             continue  # woken early: wait for the (new) cooldown
         polls += 1
         was_up = health.up
+        if not await state.claim_probe(node):
+            # Another replica probes it this interval and shares what it finds.
+            if state.usable(node):
+                await host.catch_up(node, came_back=False, poll=polls)
+                host.node_usable(node)
+            continue
         came_back = await probe_once(host, node, settings.health_timeout_s)
         if not state.health(node).up:
             if was_up:

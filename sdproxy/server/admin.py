@@ -84,9 +84,10 @@ async def cluster_status(request: web.Request) -> web.Response:
             "version": __version__,
             "queued_images": cluster.queued_images(),
             "max_queued_images": cluster.settings.scheduler.max_queued_images,
-            "waiting_images": cluster.waiting_images,
+            "waiting_images": cluster.parking.waiting_images,
             "nodes": nodes,
             "in_flight": in_flight(cluster),
+            "shared": cluster.state.status(),
         }
     )
 

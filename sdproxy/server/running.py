@@ -31,14 +31,17 @@ async def _tell(request: web.Request, nodes: list[str], path: str) -> None:
 
 async def interrupt(request: web.Request) -> web.Response:
     """POST /sdapi/v1/interrupt: the running requests stop and return what is finished."""
-    await _tell(request, _cluster(request).interrupt_running(), "interrupt")
+    cluster = _cluster(request)
+    cluster.state.broadcast("interrupt")  # the other replicas' requests too
+    await _tell(request, cluster.interrupt_running(), "interrupt")
     return json_response({})
 
 
 async def skip(request: web.Request) -> web.Response:
     """POST /sdapi/v1/skip: the nodes working for running requests skip their current batch."""
-    nodes = [node for node, _ in _cluster(request).running_jobs()]
-    await _tell(request, nodes, "skip")
+    cluster = _cluster(request)
+    cluster.state.broadcast("skip")
+    await _tell(request, cluster.running_nodes(), "skip")
     return json_response(None)
 
 
