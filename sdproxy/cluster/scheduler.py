@@ -32,6 +32,7 @@ from sdproxy.cluster.execute import execute
 from sdproxy.cluster.forecast import Forecast
 from sdproxy.cluster.lanes import Lane
 from sdproxy.cluster.parking import Parking
+from sdproxy.cluster.published import Published
 from sdproxy.cluster.settle import Settler
 from sdproxy.cluster.state import ClusterState
 from sdproxy.cluster.supervise import Supervisor
@@ -101,7 +102,7 @@ class Cluster:
         self._tasks: set[asyncio.Task[None]] = set()
         self._wakes = {name: asyncio.Event() for name in self.clients}
         self.state.on_health_change(self._health_changed)
-        self.state.track_backlog(self._backlog_view, lambda: len(self.runs))
+        self.state.track(Published(self.lanes, self.runs, self.clock))
         self.state.on_broadcast(
             "interrupt", lambda: self._relay("interrupt", self.interrupt_running())
         )
@@ -294,10 +295,6 @@ class Cluster:
 
     def queue_changed(self, lane: Lane) -> None:
         self.state.backlog_changed(lane.name)
-
-    def _backlog_view(self, node: str) -> tuple[float, int]:
-        lane = self.lanes[node]
-        return lane.backlog_s(self.clock.now()), lane.queued_images
 
     async def run_job(self, lane: Lane, job: Job) -> None:
         """Render ``job`` on ``lane``'s node and act on the outcome."""

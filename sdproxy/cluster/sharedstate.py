@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -20,9 +21,9 @@ from typing import Any, TypeGuard
 
 from sdproxy.cluster.clock import Clock
 from sdproxy.cluster.state import (
-    BacklogView,
     BenchmarkListener,
     HealthListener,
+    LocalWork,
     MemoryState,
     NodeCounters,
     Signal,
@@ -64,8 +65,7 @@ class SharedState:
         self._written = asyncio.Event()
         self._wake_writer = asyncio.Event()
         self._last_ok_written: dict[str, float] = {}
-        self._view: BacklogView = lambda node: (0.0, 0)
-        self._in_flight: Callable[[], int] = lambda: 0
+        self._work: LocalWork | None = None
         self._checkpoint_listeners: list[Signal] = []
         self._benchmark_listeners: list[BenchmarkListener] = []
         self._signals: dict[str, list[Signal]] = {}
@@ -147,26 +147,31 @@ class SharedState:
         return self._local.usable(node)
 
     def record_ok(self, node: str) -> bool:
+        before = copy.copy(self._local.health(node))
         came_back = self._local.record_ok(node)
         now = self._clock.wall()
         last = self._last_ok_written.get(node)
         if came_back or last is None or now - last >= self._probe_every_s:
             self._last_ok_written[node] = now
-            self._share_health(node, lambda health: health.record_ok(now))
+            self._share_health(node, before, lambda health: health.record_ok(now))
         return came_back
 
     def record_failure(self, node: str, reason: str, *, probe: bool = False) -> bool:
+        before = copy.copy(self._local.health(node))
         went_down = self._local.record_failure(node, reason, probe=probe)
         now = self._clock.wall()
-        self._share_health(node, lambda health: health.record_failure(reason, now, probe=probe))
+        change = lambda health: health.record_failure(reason, now, probe=probe)  # noqa: E731
+        self._share_health(node, before, change)
         return went_down
 
     def note_error(self, node: str, reason: str) -> None:
+        before = copy.copy(self._local.health(node))
         self._local.note_error(node, reason)
         now = self._clock.wall()
-        self._share_health(node, lambda health: health.note_error(reason, now))
+        self._share_health(node, before, lambda health: health.note_error(reason, now))
 
     def set_disabled(self, node: str, disabled: bool) -> None:
+        before = copy.copy(self._local.health(node))
         self._local.set_disabled(node, disabled)
         now = self._clock.wall()
 
@@ -176,12 +181,17 @@ class SharedState:
             else:
                 health.enable(now)
 
-        self._share_health(node, change)
+        self._share_health(node, before, change)
 
-    def _share_health(self, node: str, change: Callable[[NodeHealth], object]) -> None:
-        # Applied to the newest shared record (a fresh one if none yet), not to the local copy,
-        # which has it already.
-        self._send(f"the health of {node}", lambda: self.store.nodes.update_health(node, change))
+    def _share_health(
+        self, node: str, before: NodeHealth, change: Callable[[NodeHealth], object]
+    ) -> None:
+        """Apply ``change`` to the newest shared record; ``before`` (the local health as it
+        was) is where it starts when no replica has written one yet."""
+        self._send(
+            f"the health of {node}",
+            lambda: self.store.nodes.update_health(node, change, start=before),
+        )
 
     def on_health_change(self, listener: HealthListener) -> None:
         self._local.on_health_change(listener)
@@ -267,7 +277,7 @@ class SharedState:
             entries = await self.store.nodes.benchmarks(node)
         except SharedUnavailable:
             return None
-        return entries[-1] if entries else None
+        return _without_seq(entries[-1]) if entries else None
 
     def on_benchmark(self, listener: BenchmarkListener) -> None:
         self._benchmark_listeners.append(listener)
@@ -275,7 +285,7 @@ class SharedState:
     def _heard_benchmark(self, node: str, entry: dict[str, Any]) -> None:
         if node in self._locks:
             for listener in self._benchmark_listeners:
-                listener(node, entry)
+                listener(node, _without_seq(entry))
 
     # --- counters and others' work ---------------------------------------------------------
 
@@ -289,16 +299,25 @@ class SharedState:
         load = self.store.replicas.others_load(node)
         return load.backlog_s, load.queued_images
 
-    def track_backlog(self, view: BacklogView, in_flight: Callable[[], int]) -> None:
-        self._view, self._in_flight = view, in_flight
+    def track(self, work: LocalWork) -> None:
+        self._work = work
 
     def backlog_changed(self, node: str) -> None:
+        work = self._work
+        if work is None:
+            return
         loads = {}
         for name in self.nodes:
-            backlog_s, images = self._view(name)
+            backlog_s, images = work.backlog(name)
             if backlog_s or images:
                 loads[name] = NodeLoad(round(backlog_s, 3), images)
-        self.store.replicas.publish(in_flight=self._in_flight(), nodes=loads)
+        self.store.replicas.publish(
+            in_flight=work.in_flight(), nodes=loads, progress=work.progress()
+        )
+
+    def others_progress(self) -> list[dict[str, Any]]:
+        others = self.store.replicas.others()
+        return [state.progress for state in others if state.progress is not None]
 
     # --- turns and the checkpoint ----------------------------------------------------------
 
@@ -360,3 +379,8 @@ class SharedState:
 
 def _number(value: Any) -> TypeGuard[float]:
     return isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
+
+
+def _without_seq(entry: dict[str, Any]) -> dict[str, Any]:
+    """A log entry as it was appended (the log numbers each entry with ``seq``)."""
+    return {key: value for key, value in entry.items() if key != "seq"}

@@ -26,7 +26,6 @@ from sdproxy.core.health import NodeHealth
 from sdproxy.core.speed import ObservationSource, SpeedEstimate, SpeedModel
 
 HealthListener = Callable[[str], None]  # called with a node's name when its health changes
-BacklogView = Callable[[str], tuple[float, int]]  # node -> (backlog seconds, queued images)
 BenchmarkListener = Callable[[str, dict[str, Any]], None]  # (node, result) from another replica
 Signal = Callable[[], None]  # an "every replica, now" message from another replica
 
@@ -37,6 +36,22 @@ class NodeCounters:
 
     images_rendered: int = 0
     requests_sent: int = 0
+
+
+class LocalWork(Protocol):
+    """What this process runs, as the other replicas see it."""
+
+    def backlog(self, node: str) -> tuple[float, int]:
+        """(Predicted seconds, images) of this process's work queued or running on ``node``."""
+        ...
+
+    def in_flight(self) -> int:
+        """Requests this process is answering."""
+        ...
+
+    def progress(self) -> dict[str, Any] | None:
+        """The oldest request rendering now, for another replica's /progress (progress.py)."""
+        ...
 
 
 class ClusterState(Protocol):
@@ -137,13 +152,16 @@ class ClusterState(Protocol):
         """(seconds, images) of work other sdproxy processes have queued or running on it."""
         ...
 
-    def track_backlog(self, view: BacklogView, in_flight: Callable[[], int]) -> None:
-        """Where to read what this process has queued on a node and how many requests it
-        answers, for the others to plan with and show."""
+    def track(self, work: LocalWork) -> None:
+        """Where to read what this process runs, for the others to plan with and show."""
+        ...
+
+    def others_progress(self) -> list[dict[str, Any]]:
+        """What the other replicas render now, each as :meth:`LocalWork.progress` gave it."""
         ...
 
     def backlog_changed(self, node: str) -> None:
-        """This process's queue on ``node`` changed (a shared store publishes it, debounced)."""
+        """This process's queue on ``node`` changed (a shared store publishes it, coalesced)."""
         ...
 
     # --- turns and the checkpoint ----------------------------------------------------------
@@ -288,8 +306,11 @@ class MemoryState:
     def others_load(self, node: str) -> tuple[float, int]:
         return 0.0, 0  # no other process shares these nodes
 
-    def track_backlog(self, view: BacklogView, in_flight: Callable[[], int]) -> None:
+    def track(self, work: LocalWork) -> None:
         return  # nobody to tell
+
+    def others_progress(self) -> list[dict[str, Any]]:
+        return []
 
     def backlog_changed(self, node: str) -> None:
         return

@@ -16,7 +16,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any
+from typing import Any, TypeGuard
 
 from sdproxy.core.request import GenerationRequest
 
@@ -29,6 +29,43 @@ class NodeProgress:
 
     images: int
     answer: Mapping[str, Any] | None  # None when the node could not be asked
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What progress needs to know of a request: enough for another replica to show it."""
+
+    kind: str
+    total_images: int
+    n_iter: int
+    job_count: int  # the webui's: n_iter, doubled with hires fix
+    splittable: bool  # False: a script request, run whole on one node
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Shape | None:
+        """The shape in ``data`` (from another replica), or None if it is not a valid one."""
+        kind, splittable = data.get("kind"), data.get("splittable")
+        total, n_iter, count = data.get("total_images"), data.get("n_iter"), data.get("job_count")
+        if kind not in ("txt2img", "img2img") or not isinstance(splittable, bool):
+            return None
+        if not (_positive_int(total) and _positive_int(n_iter) and _positive_int(count)):
+            return None
+        if n_iter > total or count % n_iter:
+            return None
+        return cls(kind, total, n_iter, count, splittable)
+
+
+def _positive_int(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def shape_of(request: GenerationRequest) -> Shape:
+    return Shape(
+        request.kind, request.total_images, request.n_iter, job_count(request), request.splittable
+    )
 
 
 @dataclass(frozen=True)
@@ -154,7 +191,7 @@ def _batches_done(answer: Mapping[str, Any] | None) -> Fraction:
 
 
 def aggregate_progress(
-    request: GenerationRequest,
+    request: GenerationRequest | Shape,
     nodes: Sequence[NodeProgress],
     *,
     done_images: int,
@@ -166,6 +203,7 @@ def aggregate_progress(
     ``done_images`` of its images are back from the nodes; ``nodes`` are rendering some of the
     rest. ``interrupted``: the client interrupted it (the nodes may not say so yet).
     """
+    request = request if isinstance(request, Shape) else shape_of(request)
     total = max(request.total_images, done_images + sum(n.images for n in nodes), 1)
     # Each node's progress weighted by its share of the images (one node with every image
     # reports exactly its own figure); like the webui's 0.01 offset, a busy cluster never
@@ -207,7 +245,7 @@ def aggregate_progress(
 
 
 def _client_batches(
-    request: GenerationRequest, nodes: Sequence[NodeProgress], done_images: int, total: int
+    request: Shape, nodes: Sequence[NodeProgress], done_images: int, total: int
 ) -> dict[str, Any]:
     """job, job_count and job_no counted in the client's batches, as one webui counts them.
 
@@ -219,7 +257,7 @@ def _client_batches(
     back, job_count is -1, as right after the webui's ``begin()``.
     """
     started = any(_number(_state(n.answer).get("job_count")) > 0 for n in nodes)
-    count = job_count(request)
+    count = request.job_count
     if not started and done_images == 0:
         return {"job": f"scripts_{request.kind}", "job_count": -1, "job_no": 0}
     passes = count // request.n_iter

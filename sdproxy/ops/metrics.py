@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -86,6 +87,18 @@ class Metrics:
             ["node"],
             registry=r,
         )
+        self.shared_mode = Gauge(
+            "sdproxy_shared_state",
+            "1 for the state mode this process is in: single (no Redis configured), shared"
+            " (Redis answers) or local (Redis configured but unreachable), else 0.",
+            ["mode"],
+            registry=r,
+        )
+        self.redis_round_trips = Gauge(
+            "sdproxy_redis_round_trips",
+            "Calls this process has made to Redis since it started.",
+            registry=r,
+        )
         self.autosave_errors = Counter(
             "sdproxy_autosave_errors",
             "Images autosave could not write, by error kind.",
@@ -109,8 +122,14 @@ class Metrics:
     def observe_node_failure(self, node: str, kind: str) -> None:
         self.node_failures.labels(node, kind).inc()
 
-    def render(self, nodes: Iterable[NodeGauges]) -> bytes:
-        """The text exposition, with the node gauges set from ``nodes``."""
+    def render(self, nodes: Iterable[NodeGauges], shared: Mapping[str, Any] | None = None) -> bytes:
+        """The text exposition, with the node gauges set from ``nodes`` and the shared-state
+        gauges from ``shared`` (the ClusterState's status)."""
+        if shared is not None:
+            for mode in ("single", "shared", "local"):
+                self.shared_mode.labels(mode).set(1 if shared.get("mode") == mode else 0)
+            trips = shared.get("round_trips")
+            self.redis_round_trips.set(trips if isinstance(trips, int) else 0)
         for node in nodes:
             self.node_healthy.labels(node.name).set(1 if node.healthy else 0)
             self.queued_images.labels(node.name).set(node.queued_images)

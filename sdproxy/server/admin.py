@@ -124,8 +124,9 @@ async def cluster_benchmark(request: web.Request) -> web.Response:
 
 async def prometheus_metrics(request: web.Request) -> web.Response:
     cluster = request.app.get(cluster_key)
-    gauges = []
+    gauges, shared = [], None
     if cluster is not None:
+        shared = cluster.state.status()
         gauges = [
             metrics.NodeGauges(
                 node,
@@ -135,5 +136,5 @@ async def prometheus_metrics(request: web.Request) -> web.Response:
             )
             for node in cluster.clients
         ]
-    text = request.app[metrics_key].render(gauges)
+    text = request.app[metrics_key].render(gauges, shared)
     return web.Response(body=text, headers={"Content-Type": metrics.CONTENT_TYPE})

@@ -59,6 +59,7 @@ class ReplicaState:
     started_at: float = 0.0  # Unix time
     in_flight: int = 0
     nodes: dict[str, NodeLoad] = field(default_factory=dict)
+    progress: dict[str, Any] | None = None  # its oldest rendering request, for /progress
 
     def to_json(self) -> str:
         nodes = {
@@ -98,6 +99,7 @@ class ReplicaState:
             started_at=float(started_at) if _seconds(started_at) else 0.0,
             in_flight=in_flight,
             nodes=loads,
+            progress=progress if isinstance(progress := data.get("progress"), dict) else None,
         )
 
 
@@ -146,9 +148,16 @@ class ReplicaRegistry:
 
     # --- what this replica publishes -----------------------------------------------------------
 
-    def publish(self, *, in_flight: int, nodes: dict[str, NodeLoad]) -> None:
+    def publish(
+        self,
+        *,
+        in_flight: int,
+        nodes: dict[str, NodeLoad],
+        progress: dict[str, Any] | None = None,
+    ) -> None:
         """Change what this replica publishes; written soon (coalesced), never blocking."""
-        state = ReplicaState(**{**self.state.__dict__, "in_flight": in_flight, "nodes": nodes})
+        changes = {"in_flight": in_flight, "nodes": nodes, "progress": progress}
+        state = ReplicaState(**{**self.state.__dict__, **changes})
         if state != self.state:
             self.state = state
             self._dirty.set()

@@ -12,9 +12,11 @@ from hypothesis import strategies as st
 from sdproxy.core.progress import (
     FinishedJob,
     NodeProgress,
+    Shape,
     aggregate_progress,
     finished_job,
     idle_progress,
+    shape_of,
 )
 from sdproxy.core.request import GenerationRequest, Kind, parse_generation
 
@@ -294,3 +296,35 @@ class TestBusy:
         state = answer["state"]
         assert state["job_count"] != 0
         assert 0 <= state["job_no"] <= max(state["job_count"], 0)
+
+
+class TestShape:
+    """What another replica publishes of a request is enough to show its progress."""
+
+    @given(n_iter=st.integers(1, 8), batch_size=st.integers(1, 8), hires=st.booleans())
+    def test_a_shape_survives_json_and_answers_the_same(
+        self, n_iter: int, batch_size: int, hires: bool
+    ) -> None:
+        body: dict[str, Any] = {"n_iter": n_iter, "batch_size": batch_size}
+        if hires:
+            body |= {"enable_hr": True, "hr_second_pass_steps": 5}
+        req = request(**body)
+        shape = Shape.from_json(json.loads(json.dumps(shape_of(req).to_json())))
+        assert shape == shape_of(req)
+        nodes = [NodeProgress(req.total_images, busy(0.4, job_count=shape.job_count, job_no=1))]
+        via_request = aggregate_progress(req, nodes, done_images=0, skip_current_image=True)
+        via_shape = aggregate_progress(shape, nodes, done_images=0, skip_current_image=True)
+        assert via_shape == via_request
+
+    @given(
+        st.dictionaries(
+            st.sampled_from(["kind", "total_images", "n_iter", "job_count", "splittable"]),
+            st.none() | st.booleans() | st.integers(-3, 10**12) | st.text(max_size=8),
+        )
+    )
+    def test_anything_else_is_refused_not_raised(self, data: dict[str, Any]) -> None:
+        shape = Shape.from_json(data)
+        if shape is not None:
+            assert shape.kind in ("txt2img", "img2img")
+            assert 0 < shape.n_iter <= shape.total_images
+            assert shape.job_count % shape.n_iter == 0
