@@ -9,15 +9,16 @@ one after the other, spread round robin over the replicas) are measured:
   ``[cluster] redis_url``, a real redis-server started here.
 
 For each run: cluster throughput (images/s) and its ratio to the sum of the node rates (what the
-nodes could render flat out at this size and batch), p50/p95 request latency, Redis commands per
-request (``INFO commandstats`` deltas: every call counts, heartbeats included), and the most jobs
-any node held at once (``/fake/stats``; must be 1). Against the baseline: the throughput ratio
+nodes could render flat out at this size and batch), p50/p95 request latency, Redis round trips
+per request (the replicas' own count of their calls, heartbeats and publishes included), the
+commands Redis ran for them (``INFO commandstats``: those inside scripts count too), and the most
+jobs any node held at once (``/fake/stats``; must be 1). Against the baseline: the throughput ratio
 (target >= 0.95) and the added p50 latency (target <= 5 ms per request). First, what one node
 turn costs in Redis: an uncontended acquire and release, and a handover between two replicas.
 
-Replicas only share state once the scheduler uses sdproxy/shared (issue 13, phase 2). Until a
-replica's /cluster/status says so, runs with more than one replica are skipped (``--force``
-runs them anyway: each replica then believes the nodes idle, and the nodes get several jobs at
+Runs with more than one replica need them to share state: a run whose first replica's
+/cluster/status does not say mode "shared" (Redis unreachable, say) is skipped (``--force``
+runs it anyway: each replica then believes the nodes idle, and the nodes get several jobs at
 once, which the table shows).
 
     python benchmarks/replicas.py                        # about 3 minutes
@@ -91,7 +92,8 @@ class Result:
     latencies: list[float] = field(default_factory=list)
     errors: int = 0
     images: int = 0
-    redis_commands: int = 0
+    redis_commands: int = 0  # every command Redis ran, those inside scripts too
+    round_trips: int = 0  # calls the replicas made (their /cluster/status)
     max_jobs_on_a_node: int = 0
     skipped: str = ""
 
@@ -131,6 +133,16 @@ async def _redis_commands(client: Redis | None) -> int:
     return sum(int(v["calls"]) for k, v in stats.items() if k != "cmdstat_info")
 
 
+async def _round_trips(session: aiohttp.ClientSession, urls: Sequence[str]) -> int:
+    total = 0
+    for url in urls:
+        async with session.get(f"{url}/cluster/status") as resp:
+            shared = (await resp.json()).get("shared", {})
+        trips = shared.get("round_trips") if isinstance(shared, dict) else None
+        total += trips if isinstance(trips, int) else 0
+    return total
+
+
 async def _shares_state(session: aiohttp.ClientSession, url: str) -> bool:
     async with session.get(f"{url}/cluster/status") as resp:
         status = await resp.json()
@@ -158,20 +170,21 @@ async def run_once(
         urls = [process.url for process in processes]
         sharing = redis is None or replicas == 1 or await _shares_state(session, urls[0])
         if not sharing and not force:
-            result.skipped = "replicas do not share state yet (issue 13, phase 2); --force"
+            result.skipped = "the replicas do not share state (see their /cluster/status); --force"
             return result
         client = Redis.from_url(redis.url, decode_responses=True) if redis is not None else None
         if client is not None:
             stack.push_async_callback(client.aclose)
         warm = Workload(**{**work.__dict__, "requests_per_client": 1})
         await asyncio.gather(*(_client(session, u, warm, 999, Result("")) for u in urls))
-        before = await _redis_commands(client)
+        before, trips_before = await _redis_commands(client), await _round_trips(session, urls)
         started = time.perf_counter()
         async with asyncio.TaskGroup() as group:
             for index in range(work.clients):
                 group.create_task(_client(session, urls[index % len(urls)], work, index, result))
         result.seconds = time.perf_counter() - started
         result.redis_commands = await _redis_commands(client) - before
+        result.round_trips = await _round_trips(session, urls) - trips_before
         stats = [await fake_stats(session, node.url) for node in nodes]
         result.max_jobs_on_a_node = max(s["max_concurrent_jobs"] for s in stats)
     return result
@@ -232,7 +245,7 @@ def report(work: Workload, results: Sequence[Result]) -> None:
           f"images at {work.size}x{work.size}; {work.nodes} nodes, {capacity:.2f} images/s "
           f"flat out")  # fmt: skip
     head = f"{'':32} {'img/s':>7} {'of nodes':>8} {'vs base':>7} {'p50 s':>7} {'p95 s':>7}"
-    print(head + f" {'+p50 ms':>8} {'redis/req':>9} {'max jobs':>8} {'errors':>6}")
+    print(head + f" {'+p50 ms':>8} {'trips/req':>9} {'cmds/req':>8} {'max jobs':>8} {'errors':>6}")
     requests = work.clients * work.requests_per_client
     for result in results:
         if result.skipped:
@@ -243,7 +256,8 @@ def report(work: Workload, results: Sequence[Result]) -> None:
             f"{result.label:32} {result.throughput:7.2f} {result.throughput / capacity:8.2f} "
             f"{result.throughput / base.throughput:7.2f} {result.percentile(0.5):7.3f} "
             f"{result.percentile(0.95):7.3f} {added_ms:8.1f} "
-            f"{result.redis_commands / requests:9.1f} {result.max_jobs_on_a_node:8d} "
+            f"{result.round_trips / requests:9.1f} {result.redis_commands / requests:8.1f} "
+            f"{result.max_jobs_on_a_node:8d} "
             f"{result.errors:6d}"
         )
 

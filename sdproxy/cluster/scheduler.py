@@ -318,6 +318,8 @@ class Cluster:
 
     def _health_changed(self, node: str) -> None:
         if self.state.usable(node):
+            if not self.router.in_sync(node):  # back, as another replica found: read its lists
+                self._wakes[node].set()
             self.resume_parked()
         else:
             self.drain(node)
