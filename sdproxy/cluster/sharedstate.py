@@ -212,7 +212,7 @@ class SharedState:
         if not self.store.link.up:
             return True  # alone for now: probe as one process does
         try:
-            return await self.store.nodes.claim_probe(node, self._probe_every_s * 0.9)
+            return await self.store.nodes.claim_probe(node, self._probe_every_s)
         except SharedUnavailable:
             return True
 

@@ -65,19 +65,23 @@ async def watch_node(
     """Probe one node forever: every interval while up, after its cooldown while down."""
     clock, state = host.clock, host.state
     polls = 0
+    probed_elsewhere = False
     while True:
         wake.clear()
         health = state.health(node)
         delay = settings.health_interval_s
         if not health.up and health.next_probe_at is not None:
             delay = max(0.0, health.next_probe_at - clock.wall())
+        if probed_elsewhere:  # its claim lasts an interval: asking sooner would only lose again
+            delay = max(delay, settings.health_interval_s)
         await clock.wait(wake, delay)
         health = state.health(node)
         if not health.up and not health.probe_due(clock.wall()):
             continue  # woken early: wait for the (new) cooldown
         polls += 1
         was_up = health.up
-        if not await state.claim_probe(node):
+        probed_elsewhere = not await state.claim_probe(node)
+        if probed_elsewhere:
             # Another replica probes it this interval and shares what it finds.
             if state.usable(node):
                 await host.catch_up(node, came_back=False, poll=polls)

@@ -107,6 +107,34 @@ class TestWatcher:
 class TestNoNode:
     """What clients hear when no node is usable."""
 
+    async def test_a_node_another_replica_probes_is_left_to_it(self) -> None:
+        """Claims lost: no probe, one claim per interval even while the node is down and due
+        (no busy loop against Redis), and the shared health still brings the catch-up."""
+        host, wake = Host(), asyncio.Event()
+        claims: list[float] = []
+
+        async def lose(node: str) -> bool:
+            claims.append(host.clock.now())
+            return False
+
+        host.state.claim_probe = lose  # type: ignore[method-assign]
+        host.state.record_failure("a", "refused", probe=True)  # due again in 2 s
+        task = asyncio.create_task(watch_node(host, "a", SCHEDULER, wake))
+        try:
+            await settle()
+            start = host.clock.now()
+            await host.clock.advance(12.01)
+            assert host.probes == []
+            assert claims == [start + 2, start + 7, start + 12]
+            host.state.record_ok("a")  # as heard from the replica that probes it
+            wake.set()  # what the cluster does when the health changes
+            await settle()
+            assert host.events == ["catch up False 4", "usable"]
+        finally:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
     def test_retry_after_is_the_next_probe_and_why_names_each_node(self) -> None:
         """Retry-After waits for the earliest probe of a down node; the reason names it."""
         host = Host()
