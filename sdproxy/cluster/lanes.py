@@ -147,30 +147,27 @@ class Lane:
         progress that a client job would preempt counts at most one request's overhead: about
         what stopping it costs.
         """
-        host, total = self._host, 0.0
-        current = self.current
-        if current is not None and (not isinstance(current, Job) or current.live):
-            requests = current.requests if isinstance(current, Background) else 1
-            predicted = host.predict_s(self.name, current.work, requests)
-            left = max(predicted - (now - self.started_at), 0.0)
-            if isinstance(current, Background) and current.preempt is not None:
-                left = min(left, host.predict_s(self.name, 0.0))
-            total += left
+        total = self.running_left_s(now)
         for job in self.pending:
             if job.live:
-                total += host.predict_s(self.name, job.work)
+                total += self._host.predict_s(self.name, job.work)
         return total
+
+    def running_left_s(self, now: float) -> float:
+        """The part of :meth:`backlog_s` the node is rendering now."""
+        host, current = self._host, self.current
+        if current is None or (isinstance(current, Job) and not current.live):
+            return 0.0
+        requests = current.requests if isinstance(current, Background) else 1
+        predicted = host.predict_s(self.name, current.work, requests)
+        left = max(predicted - (now - self.started_at), 0.0)
+        if isinstance(current, Background) and current.preempt is not None:
+            left = min(left, host.predict_s(self.name, 0.0))
+        return left
 
     def background_s(self, now: float) -> float:
         """The part of :meth:`backlog_s` that is background work in progress (it gives way)."""
-        current = self.current
-        if not isinstance(current, Background):
-            return 0.0
-        predicted = self._host.predict_s(self.name, current.work, current.requests)
-        left = max(predicted - (now - self.started_at), 0.0)
-        if current.preempt is not None:
-            left = min(left, self._host.predict_s(self.name, 0.0))
-        return left
+        return self.running_left_s(now) if isinstance(self.current, Background) else 0.0
 
     def _changed(self) -> None:
         self._wake.set()

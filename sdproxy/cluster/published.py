@@ -9,6 +9,7 @@ from typing import Any
 from sdproxy.cluster.clock import Clock
 from sdproxy.cluster.interrupts import running_jobs
 from sdproxy.cluster.lanes import Lane
+from sdproxy.cluster.state import Backlog
 from sdproxy.cluster.work import Run
 from sdproxy.core.progress import shape_of
 
@@ -19,9 +20,9 @@ class Published:
     def __init__(self, lanes: Mapping[str, Lane], runs: Collection[Run], clock: Clock) -> None:
         self._lanes, self._runs, self._clock = lanes, runs, clock
 
-    def backlog(self, node: str) -> tuple[float, int]:
-        lane = self._lanes[node]
-        return lane.backlog_s(self._clock.now()), lane.queued_images
+    def backlog(self, node: str) -> Backlog:
+        lane, now = self._lanes[node], self._clock.now()
+        return Backlog(lane.backlog_s(now), lane.queued_images, lane.running_left_s(now))
 
     def in_flight(self) -> int:
         return sum(1 for run in self._runs if not run.finished)

@@ -308,9 +308,10 @@ class SharedState:
             return
         loads = {}
         for name in self.nodes:
-            backlog_s, images = work.backlog(name)
-            if backlog_s or images:
-                loads[name] = NodeLoad(round(backlog_s, 3), images)
+            backlog = work.backlog(name)
+            if backlog.seconds or backlog.images:
+                seconds, running_s = round(backlog.seconds, 3), round(backlog.running_s, 3)
+                loads[name] = NodeLoad(seconds, backlog.images, running_s)
         self.store.replicas.publish(
             in_flight=work.in_flight(), nodes=loads, progress=work.progress()
         )

@@ -38,11 +38,21 @@ class NodeCounters:
     requests_sent: int = 0
 
 
+@dataclass(frozen=True)
+class Backlog:
+    """This process's work on one node: predicted seconds, client images, and the seconds
+    left of what the node is rendering now (the part that runs down by itself)."""
+
+    seconds: float = 0.0
+    images: int = 0
+    running_s: float = 0.0
+
+
 class LocalWork(Protocol):
     """What this process runs, as the other replicas see it."""
 
-    def backlog(self, node: str) -> tuple[float, int]:
-        """(Predicted seconds, images) of this process's work queued or running on ``node``."""
+    def backlog(self, node: str) -> Backlog:
+        """This process's work queued or running on ``node``."""
         ...
 
     def in_flight(self) -> int:

@@ -41,10 +41,16 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class NodeLoad:
-    """Work a replica has on one node: predicted seconds, and images."""
+    """Work a replica has on one node: predicted seconds, and images.
+
+    ``running_s`` is the part of ``backlog_s`` the node is rendering now: only that part runs
+    down while nothing new is heard (a job waiting for the node's lease does not). Unknown
+    (infinite): all of it.
+    """
 
     backlog_s: float = 0.0
     queued_images: int = 0
+    running_s: float = math.inf
 
 
 @dataclass(frozen=True)
@@ -62,10 +68,11 @@ class ReplicaState:
     progress: dict[str, Any] | None = None  # its oldest rendering request, for /progress
 
     def to_json(self) -> str:
-        nodes = {
-            name: {"backlog_s": load.backlog_s, "queued_images": load.queued_images}
-            for name, load in self.nodes.items()
-        }
+        nodes: dict[str, dict[str, float]] = {}
+        for name, load in self.nodes.items():
+            nodes[name] = {"backlog_s": load.backlog_s, "queued_images": load.queued_images}
+            if math.isfinite(load.running_s):
+                nodes[name]["running_s"] = load.running_s
         return orjson.dumps({**self.__dict__, "nodes": nodes}).decode()
 
     @classmethod
@@ -85,9 +92,12 @@ class ReplicaState:
             if not isinstance(entry, dict):
                 return None
             backlog_s, images = entry.get("backlog_s"), entry.get("queued_images")
+            running_s = entry.get("running_s", math.inf)
             if not _seconds(backlog_s) or not _count(images):
                 return None
-            loads[str(name)] = NodeLoad(float(backlog_s), int(images))
+            if running_s != math.inf and not _seconds(running_s):
+                return None
+            loads[str(name)] = NodeLoad(float(backlog_s), int(images), float(running_s))
         host, pid = data.get("host"), data.get("pid")
         version, started_at = data.get("version"), data.get("started_at")
         return cls(
@@ -245,7 +255,8 @@ class ReplicaRegistry:
         for heard in self._others.values():
             load = heard.state.nodes.get(node)
             if load is not None:
-                backlog_s += max(load.backlog_s - (now - heard.heard_at), 0.0)
+                ran_s = min(now - heard.heard_at, load.running_s)
+                backlog_s += max(load.backlog_s - ran_s, 0.0)
                 images += load.queued_images
         return NodeLoad(backlog_s, images)
 

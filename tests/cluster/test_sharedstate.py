@@ -14,6 +14,7 @@ import pytest
 
 from sdproxy.cluster.clock import LoopClock
 from sdproxy.cluster.sharedstate import SharedState
+from sdproxy.cluster.state import Backlog
 from sdproxy.config import ClusterSettings, NodeSettings, SchedulerSettings
 from sdproxy.core.speed import SpeedEstimate
 from sdproxy.shared.connect import open_store
@@ -33,12 +34,12 @@ class Work:
     """A LocalWork with set figures."""
 
     def __init__(self) -> None:
-        self.loads: dict[str, tuple[float, int]] = {}
+        self.loads: dict[str, Backlog] = {}
         self.requests = 0
         self.rendering: dict[str, Any] | None = None
 
-    def backlog(self, node: str) -> tuple[float, int]:
-        return self.loads.get(node, (0.0, 0))
+    def backlog(self, node: str) -> Backlog:
+        return self.loads.get(node, Backlog())
 
     def in_flight(self) -> int:
         return self.requests
@@ -181,13 +182,13 @@ class TestWork:
         one, two = await open_state("r1"), await open_state("r2")
         work = Work()
         one.track(work)
-        work.loads = {"a": (12.0, 6)}
+        work.loads = {"a": Backlog(12.0, 6, running_s=2.0)}
         work.requests = 2
         work.rendering = {"kind": "txt2img", "nodes": {"a": 6}}
         one.backlog_changed("a")
         await wait_until(lambda: two.others_load("a")[1] == 6, "r2 to hear r1's backlog")
         seconds, _ = two.others_load("a")
-        assert 10.0 < seconds <= 12.0  # decayed by the time since it was heard
+        assert 10.0 <= seconds <= 12.0  # only what runs runs down, by the time since heard
         assert two.others_load("b") == (0.0, 0)
         assert two.others_progress() == [work.rendering]
         assert one.others_progress() == []

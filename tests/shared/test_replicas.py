@@ -92,19 +92,7 @@ class TestRegistry:
     def test_registry_decay_with_fake_clock(self) -> None:
         """Another replica's backlog runs down as time passes, to zero, then it is dropped."""
         now = [100.0]
-
-        class _Link:
-            replica_id = "me"
-            client = _Scripts()
-
-            keys = Keys("p")
-
-        registry = ReplicaRegistry(
-            _Link(),  # type: ignore[arg-type]
-            _Broadcast(),  # type: ignore[arg-type]
-            ttl_s=6,
-            monotonic=lambda: now[0],
-        )
+        registry = _registry_at(now)
         state = ReplicaState("other", "i", nodes={"gpu-a": NodeLoad(4.0, 3)})
         registry._on_state(Message("replica", "other", {"state": state.to_json()}))
         assert registry.others_load("gpu-a") == NodeLoad(4.0, 3)
@@ -115,6 +103,17 @@ class TestRegistry:
         now[0] += 2  # 6.5 s silent: past the TTL
         assert registry.others_load("gpu-a") == NodeLoad(0.0, 0)
         assert registry.others() == []
+
+    def test_only_what_runs_runs_down(self) -> None:
+        """Of 10 s queued with 1 s rendering, 9 s are still ahead however long it is quiet."""
+        now = [100.0]
+        registry = _registry_at(now)
+        state = ReplicaState("other", "i", nodes={"gpu-a": NodeLoad(10.0, 5, running_s=1.0)})
+        registry._on_state(Message("replica", "other", {"state": state.to_json()}))
+        now[0] += 0.5
+        assert registry.others_load("gpu-a").backlog_s == pytest.approx(9.5)
+        now[0] += 3
+        assert registry.others_load("gpu-a").backlog_s == pytest.approx(9.0)
 
 
 class TestStateJson:
@@ -211,3 +210,19 @@ class _Broadcast:
 
     def on_subscribed(self, callback: object) -> None:
         pass
+
+
+def _registry_at(now: list[float]) -> ReplicaRegistry:
+    """A registry with no Redis behind it, on the monotonic clock ``now[0]``."""
+
+    class _Link:
+        replica_id = "me"
+        client = _Scripts()
+        keys = Keys("p")
+
+    return ReplicaRegistry(
+        _Link(),  # type: ignore[arg-type]
+        _Broadcast(),  # type: ignore[arg-type]
+        ttl_s=6,
+        monotonic=lambda: now[0],
+    )
