@@ -26,6 +26,7 @@ STEAL_INTERVAL_S = 0.5  # how often an idle lane looks for late work elsewhere
 # Background work starts only after the node has been free of client jobs this long: clients
 # send requests in runs, and a benchmark run started between two of them delays the second.
 BACKGROUND_AFTER_IDLE_S = 0.25
+BACKGROUND_PRIORITY_S = 86400.0  # background waits behind client work started within a day
 
 
 @dataclass(eq=False)
@@ -53,7 +54,7 @@ class LaneHost(Protocol):
 
     def predict_s(self, node: str, work: float, requests: int = 1) -> float: ...
 
-    def turn(self, node: str) -> AbstractAsyncContextManager[None]: ...
+    def turn(self, node: str, priority: float) -> AbstractAsyncContextManager[None]: ...
 
     def rebalance(self) -> bool:
         """Let idle lanes take over late work; True if any did."""
@@ -177,7 +178,7 @@ class Lane:
         """Run jobs as they come; cancelled when the cluster stops."""
         while True:
             await self._wait_for_work()
-            async with self._host.turn(self.name):
+            async with self._host.turn(self.name, self._priority()):
                 item = self._next()
                 if item is not None:
                     await self._run(item)
@@ -197,6 +198,12 @@ class Lane:
             if self.background:
                 wait_s = min(wait_s, BACKGROUND_AFTER_IDLE_S - idle_for)
             await clock.wait(self._wake, wait_s)
+
+    def _priority(self) -> float:
+        """Where the next job stands in the node's line across replicas: the Unix time its
+        request started; background work after any client's."""
+        started = [job.run.started_at for job in self.pending if job.live]
+        return min(started) if started else self._host.clock.wall() + BACKGROUND_PRIORITY_S
 
     def _next(self) -> Job | Background | None:
         """The next client job, else the next background work; None if nothing is left."""

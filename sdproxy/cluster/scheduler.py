@@ -273,8 +273,8 @@ class Cluster:
     def predict_s(self, node: str, work: float, requests: int = 1) -> float:
         return self.forecast.predict_s(node, work, requests)
 
-    def turn(self, node: str) -> AbstractAsyncContextManager[None]:
-        return self.state.turn(node)
+    def turn(self, node: str, priority: float) -> AbstractAsyncContextManager[None]:
+        return self.state.turn(node, priority)
 
     def rebalance(self) -> bool:
         """Let idle usable lanes take over waiting work they finish earlier; True if any did."""

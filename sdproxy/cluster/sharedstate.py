@@ -322,18 +322,18 @@ class SharedState:
 
     # --- turns and the checkpoint ----------------------------------------------------------
 
-    def turn(self, node: str) -> AbstractAsyncContextManager[None]:
-        return self._turn(node)
+    def turn(self, node: str, priority: float) -> AbstractAsyncContextManager[None]:
+        return self._turn(node, priority)
 
     @asynccontextmanager
-    async def _turn(self, node: str) -> AsyncIterator[None]:
+    async def _turn(self, node: str, priority: float) -> AsyncIterator[None]:
         """The local lock first (a lane and a benchmark of this process never ask Redis
         against each other), then the node's lease; local alone while Redis is gone."""
         async with self._locks[node]:
             lease: Lease | None = None
             if self.store.link.up:
                 try:
-                    lease = await self.store.leases.acquire(node)
+                    lease = await self.store.leases.acquire(node, priority=priority)
                 except SharedUnavailable:
                     lease = None  # local mode: the node's own queue lock serialises the rest
             try:

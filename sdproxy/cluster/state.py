@@ -176,8 +176,10 @@ class ClusterState(Protocol):
 
     # --- turns and the checkpoint ----------------------------------------------------------
 
-    def turn(self, node: str) -> AbstractAsyncContextManager[None]:
-        """Hold the node's turn: no other job, of any process, runs on it meanwhile."""
+    def turn(self, node: str, priority: float) -> AbstractAsyncContextManager[None]:
+        """Hold the node's turn: no other job, of any process, runs on it meanwhile. Turns
+        across processes go to the lowest ``priority`` first (the Unix time the work's request
+        started)."""
         ...
 
     @property
@@ -325,8 +327,8 @@ class MemoryState:
     def backlog_changed(self, node: str) -> None:
         return
 
-    def turn(self, node: str) -> AbstractAsyncContextManager[None]:
-        return self._hold(self._turns[node])
+    def turn(self, node: str, priority: float) -> AbstractAsyncContextManager[None]:
+        return self._hold(self._turns[node])  # one lane per node here: nobody to order
 
     @asynccontextmanager
     async def _hold(self, lock: asyncio.Lock) -> AsyncIterator[None]:

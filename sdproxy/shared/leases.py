@@ -6,12 +6,14 @@ lease; it carries a fencing token (``INCR`` per node: it only grows) and an owne
 to the one acquire, so a lease that expired can never be renewed or released by its old holder:
 the holder learns it lost the lease (``Lease.lost``).
 
-Fairness: a replica that finds the node busy takes a ticket in the node's line (a sorted set
-ordered by an ``INCR``). When the holder releases, the release script itself hands the lease
-to the first ticket and publishes that: the waiter is served without asking, first come first
-served, with no herd of retries. A waiter also asks again now and then (every third of the TTL,
-or when the current lease would expire): that renews its ticket, which otherwise expires with
-it, and takes over a lease whose holder died. An uncontended acquire is one round trip.
+Fairness: a replica that finds the node busy takes a ticket in the node's line, a sorted set
+ordered by the ticket's priority: the start of the request it is for, so the oldest work goes
+first across replicas as on one webui (without one, by arrival). When the holder releases, the
+release script itself hands the lease to the first ticket and publishes that: the waiter is
+served without asking, with no herd of retries. A waiter also asks again now and then (every
+third of the TTL, or when the current lease would expire): that renews its ticket, which
+otherwise expires with it, and takes over a lease whose holder died. An uncontended acquire is
+one round trip.
 
 A replica that dies mid-job stops renewing: its lease expires within ``lease_ttl_s`` and its
 tickets within the same time, and the node is free for the others.
@@ -94,11 +96,14 @@ class NodeLeases:
     def held(self) -> list[Lease]:
         return [lease for lease in self._held.values() if lease.held]
 
-    async def acquire(self, node: str, *, wait: bool = True) -> Lease | None:
+    async def acquire(
+        self, node: str, *, wait: bool = True, priority: float | None = None
+    ) -> Lease | None:
         """The node's lease; waits in line if another holds it (None then if not ``wait``).
 
-        Raises SharedUnavailable if Redis fails meanwhile. Cancelling the wait leaves the line
-        (and gives back a lease handed over in the same instant).
+        ``priority``: a Unix time; the line is served oldest first (None: by arrival). Raises
+        SharedUnavailable if Redis fails meanwhile. Cancelling the wait leaves the line (and
+        gives back a lease handed over in the same instant).
         """
         owner = f"{self.link.replica_id}#{secrets.token_hex(6)}"
         loop = asyncio.get_running_loop()
@@ -109,7 +114,7 @@ class NodeLeases:
             counted = False
             while True:
                 started = loop.time()
-                granted, token, remaining_ms = await self._attempt(node, owner, queue=wait)
+                granted, token, remaining_ms = await self._attempt(node, owner, wait, priority)
                 if granted:
                     done = True
                     return self._hold(node, owner, token, started + self.ttl_s)
@@ -136,7 +141,9 @@ class NodeLeases:
             if not done:  # cancelled, or Redis failed: leave the line, give back what came
                 self._supervisor.once(f"lease-leave-{node}", self._leave_quietly(node, owner))
 
-    async def _attempt(self, node: str, owner: str, *, queue: bool) -> tuple[bool, int, int]:
+    async def _attempt(
+        self, node: str, owner: str, queue: bool, priority: float | None
+    ) -> tuple[bool, int, int]:
         keys = self.link.keys.lease_keys(node)
         args: list[str | int] = [
             owner,
@@ -146,6 +153,7 @@ class NodeLeases:
             node,
             self.link.replica_id,
             "1" if queue else "0",
+            "" if priority is None else str(round(priority * 1000)),
         ]
         reply = await self.link.call(
             "lease acquire", lambda _: self._acquire(keys=keys, args=args), node

@@ -45,15 +45,18 @@ local function grant_next(ttl, channel, node, origin)
   redis.call('PUBLISH', channel, cjson.encode(
     {kind = 'lease', origin = origin, node = node, owner = head, token = token}))
 end
-local function enqueue(owner, now)
+-- A ticket's place in line: its priority (the Unix ms its request started: the oldest work is
+-- served first, as on one webui), else the time it came; kept when its waiter asks again.
+local function enqueue(owner, now, priority)
   if not redis.call('ZSCORE', KEYS[3], owner) then
-    redis.call('ZADD', KEYS[3], redis.call('INCR', KEYS[5]), owner)
+    redis.call('ZADD', KEYS[3], tonumber(priority) or now, owner)
   end
   redis.call('ZADD', KEYS[4], now, owner)
 end
 """
 
-# ARGV: 1 owner, 2 ttl_ms, 3 ticket_ttl_ms, 4 channel, 5 node, 6 origin, 7 "1" = wait in line
+# ARGV: 1 owner, 2 ttl_ms, 3 ticket_ttl_ms, 4 channel, 5 node, 6 origin, 7 "1" = wait in line,
+# 8 priority (Unix ms, lower first; "" = the time of arrival).
 # Returns {granted 0/1, token, remaining ms of the current lease}.
 ACQUIRE = (
     _LEASE_PRELUDE
@@ -66,7 +69,7 @@ local current = redis.call('GET', KEYS[1])
 if current then
   local holder, token = holder_of(current)
   if holder == owner then return {1, token, redis.call('PTTL', KEYS[1])} end
-  if queue then enqueue(owner, now) end
+  if queue then enqueue(owner, now, ARGV[8]) end
   return {0, 0, redis.call('PTTL', KEYS[1])}
 end
 local head = redis.call('ZRANGE', KEYS[3], 0, 0)[1]
@@ -75,7 +78,7 @@ if (not head) or head == owner then
 end
 -- Free, but others were in line first (the last holder's lease expired): the first has it.
 grant_next(ttl, ARGV[4], ARGV[5], ARGV[6])
-if queue then enqueue(owner, now) end
+if queue then enqueue(owner, now, ARGV[8]) end
 return {0, 0, ttl}
 """
 )

@@ -32,6 +32,7 @@ class Host:
         self.crashed: list[tuple[Job, Exception]] = []
         self.redispatched: list[Job] = []
         self.changes = 0
+        self.priorities: list[float] = []  # of each turn taken
         self._lock = asyncio.Lock()
 
     def usable(self, node: str) -> bool:
@@ -40,7 +41,8 @@ class Host:
     def predict_s(self, node: str, work: float, requests: int = 1) -> float:
         return requests * 1.0 + work  # 1 s overhead, 1 s a unit of work
 
-    def turn(self, node: str) -> AbstractAsyncContextManager[None]:
+    def turn(self, node: str, priority: float) -> AbstractAsyncContextManager[None]:
+        self.priorities.append(priority)
         return self._hold()
 
     @asynccontextmanager
@@ -222,6 +224,38 @@ class TestSupervision:
         crashes = [r for r in caplog.records if "unexpected error" in r.getMessage()]
         assert len(crashes) == 1
         assert crashes[0].exc_info is not None
+
+
+class TestPriority:
+    """A lane asks for its node's turn with the start of the oldest request it holds."""
+
+    async def test_the_oldest_waiting_request_sets_the_priority(
+        self, running: tuple[Lane, Host]
+    ) -> None:
+        lane, host = running
+        newer, older = make_run(), make_run()
+        newer.started_at, older.started_at = 2000.0, 1000.0
+        lane.submit(Job(newer, Chunk(0, 1, 1)))
+        await settle()
+        lane.submit(Job(newer, Chunk(1, 1, 1)))
+        lane.submit(Job(older, Chunk(0, 1, 1)))
+        host.finish[host.started[0]].set_result(None)
+        await settle()
+        assert host.priorities == [2000.0, 1000.0]
+
+    async def test_background_work_stands_behind_client_work(
+        self, running: tuple[Lane, Host]
+    ) -> None:
+        lane, host = running
+        ran = asyncio.Event()
+
+        async def benchmark_run() -> None:
+            ran.set()
+
+        lane.submit_background(Background(1.0, benchmark_run))
+        await host.clock.advance(1.0)
+        assert ran.is_set()
+        assert host.priorities == [pytest.approx(host.clock.wall() - 1.0 + 86400.0, abs=1.0)]
 
 
 class TestQueue:

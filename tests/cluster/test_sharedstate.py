@@ -164,7 +164,7 @@ class TestWork:
         entered = asyncio.Event()
 
         async def hold() -> None:
-            async with one.turn("a"):
+            async with one.turn("a", 1.0):
                 entered.set()
                 order.append("r1 in")
                 await asyncio.sleep(0.2)
@@ -172,11 +172,34 @@ class TestWork:
 
         async def wait() -> None:
             await entered.wait()
-            async with two.turn("a"):
+            async with two.turn("a", 2.0):
                 order.append("r2 in")
 
         await asyncio.gather(hold(), wait())
         assert order == ["r1 in", "r1 out", "r2 in"]
+
+    async def test_the_oldest_work_gets_the_node_first(self, open_state: OpenState) -> None:
+        """Waiting for a busy node, a replica with an older request goes before one that
+        queued earlier with a newer request."""
+        holder, newer, older = [await open_state(f"r{i}") for i in range(3)]
+        order: list[str] = []
+        release = asyncio.Event()
+
+        async def take(state: SharedState, priority: float, name: str) -> None:
+            async with state.turn("a", priority):
+                order.append(name)
+                if name == "holder":
+                    await release.wait()
+
+        tasks = [asyncio.create_task(take(holder, 5.0, "holder"))]
+        await wait_until(lambda: order == ["holder"], "the holder to have the node")
+        tasks.append(asyncio.create_task(take(newer, 200.0, "newer")))
+        await wait_until(lambda: newer.store.leases.waited == 1, "the newer to wait")
+        tasks.append(asyncio.create_task(take(older, 100.0, "older")))
+        await wait_until(lambda: older.store.leases.waited == 1, "the older to wait")
+        release.set()
+        await asyncio.gather(*tasks)
+        assert order == ["holder", "older", "newer"]
 
     async def test_backlog_and_progress_reach_the_planners(self, open_state: OpenState) -> None:
         one, two = await open_state("r1"), await open_state("r2")
@@ -232,7 +255,7 @@ class TestRedisGone:
         await wait_until(lambda: one.status()["mode"] == "local", "local mode")
         one.admit()  # "local": generations go on
         async with asyncio.timeout(2):
-            async with one.turn("b"):  # the local lock alone
+            async with one.turn("b", 1.0):  # the local lock alone
                 pass
         assert not one.usable("a")
         assert await one.claim_probe("a")  # alone: it probes every node itself

@@ -56,7 +56,7 @@ class Host:
     def usable(self, node: str) -> bool:
         return self.state.usable(node)
 
-    def turn(self, node: str) -> AbstractAsyncContextManager[None]:
+    def turn(self, node: str, priority: float) -> AbstractAsyncContextManager[None]:
         return self._nothing()
 
     @asynccontextmanager
