@@ -13,8 +13,10 @@ nodes could render flat out at this size and batch), p50/p95 request latency, Re
 per request (the replicas' own count of their calls, heartbeats and publishes included), the
 commands Redis ran for them (``INFO commandstats``: those inside scripts count too), and the most
 jobs any node held at once (``/fake/stats``; must be 1). Against the baseline: the throughput ratio
-(target >= 0.95) and the added p50 latency (target <= 5 ms per request). First, what one node
-turn costs in Redis: an uncontended acquire and release, and a handover between two replicas.
+(target >= 0.95) and the added p50 latency (target <= 5 ms per request), measured first with
+one client on an idle cluster (where the p50 difference is sdproxy's own, not queueing). First,
+what one node turn costs in Redis: an uncontended acquire and release, and a handover between
+two replicas.
 
 Runs with more than one replica need them to share state: a run whose first replica's
 /cluster/status does not say mode "shared" (Redis unreachable, say) is skipped (``--force``
@@ -190,6 +192,16 @@ async def run_once(
     return result
 
 
+async def compare(
+    work: Workload, replica_counts: Sequence[int], redis: RedisServer, tmp: Path, *, force: bool
+) -> None:
+    """The baseline, then each replica count, one after the other; then the table."""
+    results = [await run_once(work, 1, None, tmp, force=force)]
+    for replicas in replica_counts:
+        results.append(await run_once(work, replicas, redis, tmp, force=force))  # noqa: PERF401 (one after the other, on purpose)
+    report(work, results)
+
+
 def _waited(store: SharedStore, count: int) -> bool:
     return store.leases.waited >= count
 
@@ -287,14 +299,16 @@ async def main(argv: Sequence[str] | None = None) -> int:
         await redis.start()
         try:
             await measure_leases(redis)
+            # The added latency itself: one client on an idle cluster, short one-image
+            # requests, so the p50 difference is what sdproxy adds, not queueing.
+            requests = 10 if args.quick else 30
+            idle = Workload(args.nodes, 0.05, args.overhead_s, args.size, 1, 1, requests)
+            await compare(idle, replica_counts, redis, tmp, force=args.force)
             for clients in client_counts:
                 per_client = 2 if args.quick else args.requests_per_client
                 work = Workload(args.nodes, args.per_image_s, args.overhead_s, args.size,
                                 args.batch, clients, per_client)  # fmt: skip
-                results = [await run_once(work, 1, None, tmp, force=args.force)]
-                for replicas in replica_counts:
-                    results.append(await run_once(work, replicas, redis, tmp, force=args.force))  # noqa: PERF401 (one after the other, on purpose)
-                report(work, results)
+                await compare(work, replica_counts, redis, tmp, force=args.force)
         finally:
             await redis.stop()
     return 0
