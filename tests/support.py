@@ -421,11 +421,14 @@ def replica_config(
     path: Path,
     nodes: Sequence[RunningNode | NodeProcess],
     redis_url: str | None,
+    *,
+    node_fields: dict[str, dict[str, Any]] | None = None,
     **sections: Any,
 ) -> Path:
     """Write a TOML configuration for replicas in front of ``nodes`` sharing ``redis_url``.
 
-    ``redis_url`` None: no [cluster] section, single-process mode.
+    ``redis_url`` None: no [cluster] section, single-process mode. ``node_fields``: more
+    settings of some nodes, by name (``{"n0": {"username": ..., "password": ...}}``).
     """
     data: dict[str, Any] = {"benchmark": {"on_start": False}, "scheduler": dict(FAST), **sections}
     if redis_url is not None:
@@ -437,6 +440,8 @@ def replica_config(
         lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
     for node in nodes:
         lines += ["[[nodes]]", f"name = {json.dumps(node.name)}", f"url = {json.dumps(node.url)}"]
+        fields = (node_fields or {}).get(node.name, {})
+        lines += [f"{key} = {json.dumps(value)}" for key, value in fields.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -520,6 +525,29 @@ class ReplicaProcess:
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@asynccontextmanager
+async def replicas(
+    config: Path, *replica_ids: str, **env: str
+) -> AsyncIterator[list[ReplicaProcess]]:
+    """Replicas of ``config`` started together (one per id), stopped together at the end."""
+    started = [ReplicaProcess(config, replica_id, **env) for replica_id in replica_ids]
+    try:
+        async with asyncio.TaskGroup() as group:
+            for replica in started:
+                group.create_task(replica.start())
+        yield started
+    finally:
+        async with asyncio.TaskGroup() as group:
+            for replica in started:
+                group.create_task(replica.stop())
+
+
+def assert_no_tracebacks(*processes: ReplicaProcess) -> None:
+    """No replica logged an exception (a crash in a background task is logged, not raised)."""
+    for replica in processes:
+        assert "Traceback" not in replica.log_text(), replica.log_path
 
 
 async def fake_stats(session: aiohttp.ClientSession, url: str) -> dict[str, int]:
