@@ -267,7 +267,7 @@ class SharedState:
             entries = await self.store.nodes.benchmarks(node)
         except SharedUnavailable:
             return None
-        return entries[-1] if entries else None
+        return _as_shared(entries[-1]) if entries else None
 
     def on_benchmark(self, listener: BenchmarkListener) -> None:
         self._benchmark_listeners.append(listener)
@@ -275,7 +275,7 @@ class SharedState:
     def _heard_benchmark(self, node: str, entry: dict[str, Any]) -> None:
         if node in self._locks:
             for listener in self._benchmark_listeners:
-                listener(node, entry)
+                listener(node, _as_shared(entry))
 
     # --- counters and others' work ---------------------------------------------------------
 
@@ -356,6 +356,12 @@ class SharedState:
             return  # this replica acted when it sent it
         for listener in self._signals.get(message.kind, ()):
             listener()
+
+
+def _as_shared(entry: dict[str, Any]) -> dict[str, Any]:
+    """A benchmark log entry as :meth:`SharedState.share_benchmark` was given it: without the
+    ``seq`` the log numbers its entries with (a result with a field it lacks is refused)."""
+    return {key: value for key, value in entry.items() if key != "seq"}
 
 
 def _number(value: Any) -> TypeGuard[float]:
