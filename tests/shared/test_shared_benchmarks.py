@@ -1,5 +1,5 @@
 """SharedState's benchmarks on a real redis-server: a result one replica shares, the others
-take as it was."""
+take as it was; a finished benchmark leaves the node to the next benchmarker."""
 
 from __future__ import annotations
 
@@ -55,3 +55,14 @@ class TestSharedBenchmarks:
         for data in (heard[0], stored):
             assert "url" not in data
             assert BenchmarkResult.from_json({**data, "url": RESULT.url}) == RESULT
+
+    async def test_shared_benchmark_claim_given_back_when_done(
+        self, open_stores: OpenStore
+    ) -> None:
+        """While one state benchmarks a node no other may; once it is done, another may."""
+        a, b = await open_states(open_stores, "a", "b")
+        assert await a.claim_benchmark("gpu-a")
+        assert not await b.claim_benchmark("gpu-a")
+        a.release_benchmark("gpu-a")
+        await a.flush()
+        assert await b.claim_benchmark("gpu-a")
