@@ -140,7 +140,11 @@ async def cluster_status(session: aiohttp.ClientSession, url: str) -> dict[str, 
 
 async def node_state(session: aiohttp.ClientSession, url: str, name: str) -> dict[str, Any]:
     """One node's entry in sdproxy's /cluster/status."""
-    status = await cluster_status(session, url)
+    return node_entry(await cluster_status(session, url), name)
+
+
+def node_entry(status: dict[str, Any], name: str) -> dict[str, Any]:
+    """One node's entry in a /cluster/status answer."""
     entry: dict[str, Any] = next(n for n in status["nodes"] if n["name"] == name)
     return entry
 
@@ -421,11 +425,14 @@ def replica_config(
     path: Path,
     nodes: Sequence[RunningNode | NodeProcess],
     redis_url: str | None,
+    *,
+    node_fields: dict[str, dict[str, Any]] | None = None,
     **sections: Any,
 ) -> Path:
     """Write a TOML configuration for replicas in front of ``nodes`` sharing ``redis_url``.
 
-    ``redis_url`` None: no [cluster] section, single-process mode.
+    ``redis_url`` None: no [cluster] section, single-process mode. ``node_fields``: more
+    settings of some nodes, by name (``{"n0": {"username": ..., "password": ...}}``).
     """
     data: dict[str, Any] = {"benchmark": {"on_start": False}, "scheduler": dict(FAST), **sections}
     if redis_url is not None:
@@ -437,6 +444,8 @@ def replica_config(
         lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
     for node in nodes:
         lines += ["[[nodes]]", f"name = {json.dumps(node.name)}", f"url = {json.dumps(node.url)}"]
+        fields = (node_fields or {}).get(node.name, {})
+        lines += [f"{key} = {json.dumps(value)}" for key, value in fields.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -520,6 +529,49 @@ class ReplicaProcess:
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@asynccontextmanager
+async def replicas(
+    config: Path, *replica_ids: str, **env: str
+) -> AsyncIterator[list[ReplicaProcess]]:
+    """Replicas of ``config`` started together (one per id), stopped together at the end.
+
+    Each one the test did not end itself must stop cleanly when asked (SIGTERM, exit code 0).
+    """
+    started = [ReplicaProcess(config, replica_id, **env) for replica_id in replica_ids]
+    ended: list[ReplicaProcess] = []
+    try:
+        async with asyncio.TaskGroup() as group:
+            for replica in started:
+                group.create_task(replica.start())
+        yield started
+    finally:
+        ended = [r for r in started if r.process is not None and r.process.returncode is not None]
+        async with asyncio.TaskGroup() as group:
+            for replica in started:
+                group.create_task(replica.stop())
+    for replica in started:
+        if replica not in ended:
+            assert replica.process is not None
+            assert replica.process.returncode == 0, f"{replica.replica_id} did not stop cleanly"
+
+
+async def render_complete(
+    session: aiohttp.ClientSession, url: str, body: dict[str, Any]
+) -> dict[str, Any]:
+    """POST ``body`` to ``url``'s txt2img: a 200 with every image (assert_complete)."""
+    status, answer, _ = await post_json(session, f"{url}/sdapi/v1/txt2img", body)
+    assert status == 200, answer
+    assert_complete(answer, body)
+    result: dict[str, Any] = answer
+    return result
+
+
+def assert_no_tracebacks(*processes: ReplicaProcess) -> None:
+    """No replica logged an exception (a crash in a background task is logged, not raised)."""
+    for replica in processes:
+        assert "Traceback" not in replica.log_text(), replica.log_path
 
 
 async def fake_stats(session: aiohttp.ClientSession, url: str) -> dict[str, int]:

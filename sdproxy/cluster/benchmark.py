@@ -298,7 +298,10 @@ class Benchmarker:
             if not await self.host.state.claim_benchmark(name):
                 log.info("node %s is being benchmarked by another replica", name)
                 return
-            await self._measure(name)
+            try:
+                await self._measure(name)
+            finally:  # else the claim would bar every replica until it expires (30 min)
+                self.host.state.release_benchmark(name)
         except Exception:  # a background task: a bug is logged, the other nodes go on
             log.exception("benchmark of node %s crashed", name)
             self.errors[name] = "internal error in sdproxy"

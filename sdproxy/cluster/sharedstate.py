@@ -261,6 +261,12 @@ class SharedState:
         except SharedUnavailable:
             return True
 
+    def release_benchmark(self, node: str) -> None:
+        # After the result's own write (one writer, in order): whoever claims next sees it.
+        self._send(
+            f"the benchmark claim of {node}", lambda: self.store.nodes.release_benchmark(node)
+        )
+
     def share_benchmark(self, node: str, result: dict[str, Any]) -> None:
         shared = {key: value for key, value in result.items() if key != "url"}
         self._send(

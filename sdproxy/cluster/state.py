@@ -140,6 +140,10 @@ class ClusterState(Protocol):
         """This process benchmarks the node (with replicas, one of them does)."""
         ...
 
+    def release_benchmark(self, node: str) -> None:
+        """This process's benchmark of the node is over (measured or failed)."""
+        ...
+
     def share_benchmark(self, node: str, result: dict[str, Any]) -> None:
         """A benchmark this process finished, for the others (no node URL in it)."""
         ...
@@ -297,6 +301,9 @@ class MemoryState:
 
     async def claim_benchmark(self, node: str) -> bool:
         return True
+
+    def release_benchmark(self, node: str) -> None:
+        return
 
     def share_benchmark(self, node: str, result: dict[str, Any]) -> None:
         return  # the state file keeps it

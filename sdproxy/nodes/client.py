@@ -7,6 +7,8 @@ node's health is the cluster's business (cluster/state.py).
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import ssl
 from http import HTTPStatus
 from typing import Any
@@ -150,7 +152,7 @@ class NodeClient:
             reason = getattr(exc.certificate_error, "verify_message", None) or "not trusted"
             raise NodeUnreachable(self.name, f"TLS certificate rejected: {reason}") from exc
         except aiohttp.ClientConnectorError as exc:
-            raise NodeUnreachable(self.name, f"cannot connect: {exc.os_error}") from exc
+            raise NodeUnreachable(self.name, f"cannot connect: {_os_error(exc.os_error)}") from exc
         except aiohttp.ClientError as exc:
             raise NodeUnreachable(self.name, f"connection failed: {type(exc).__name__}") from exc
         if len(raw) > _DECODE_IN_THREAD_BYTES:  # a batch of images: keep the event loop free
@@ -242,6 +244,17 @@ def _not_webui(status: int, payload: Any, location: str | None) -> str:
     if status in (404, 405) and payload in _NO_ROUTE:
         return f"{phrase}: no such route (not a webui serving its API? start it with --api)"
     return f"{phrase}, with a body that is not the webui's"
+
+
+def _os_error(error: OSError) -> str:
+    """Why a connection failed, without the address it was made to: the OS names the node's
+    host and port ("Connect call failed ('10.0.0.5', 7860)"), and error texts go to clients,
+    into the logs and into the state shared in Redis, which holds no node URL."""
+    if isinstance(error, socket.gaierror):
+        return str(error)  # "[Errno -2] Name or service not known": no address in it
+    if error.errno is not None and error.errno > 0:
+        return os.strerror(error.errno)  # "Connection refused"
+    return type(error).__name__  # "Multiple exceptions: ..." lists every address
 
 
 def _origin(location: str | None) -> str:

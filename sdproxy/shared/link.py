@@ -201,21 +201,30 @@ class Link:
         self.round_trips += 1
         self.calls[kind] += 1
         what = f"{kind} {subject}".strip()
+        task = asyncio.current_task()
+        cancels = task.cancelling() if task is not None else 0
         try:
             async with asyncio.timeout(self.timeout_s):
-                return await op(self.client)
+                result = await op(self.client)
         except _DOWN_ERRORS as exc:
             if cancelling():  # a timeout raised while we are being cancelled: stop, as asked
                 raise asyncio.CancelledError from exc
             self.mark_down(f"{what}: {_describe(exc)}")
             raise SharedUnavailable(f"shared state unavailable: {self.describe()}") from exc
         except redis_errors.RedisError as exc:
+            if task is not None and task.cancelling() > cancels:
+                raise asyncio.CancelledError from exc  # the cancellation, turned into an error
             # One command refused (out of memory, a foreign key in our namespace): say it once.
             text = f"{what}: {_describe(exc)}"
             if text not in self._logged_errors and len(self._logged_errors) < 100:
                 self._logged_errors.add(text)
                 log.warning("redis refused %s", text)
             raise SharedUnavailable(f"shared state refused {what}") from exc
+        if task is not None and task.cancelling() > cancels:
+            # Cancelled mid-call, and redis-py answered anyway (a SET NX read as "not set"):
+            # it swallowed the cancellation, which would leave the caller running for good.
+            raise asyncio.CancelledError
+        return result
 
     # --- the monitor ---------------------------------------------------------------------------
 

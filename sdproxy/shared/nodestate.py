@@ -154,6 +154,10 @@ class NodeRecords:
         """True if this replica benchmarks ``node`` (no other is doing it)."""
         return await self.records.claim(f"node:{node}:claim:benchmark", ttl_s)
 
+    async def release_benchmark(self, node: str) -> bool:
+        """This replica's benchmark of ``node`` is over: the next may be run by any replica."""
+        return await self.records.release(f"node:{node}:claim:benchmark")
+
     async def observe_job(
         self, node: str, work: float, seconds: float, images: int, *, observed: bool = True
     ) -> None:

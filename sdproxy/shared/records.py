@@ -75,6 +75,7 @@ class Records:
         client = link.client
         self._cas = client.register_script(scripts.COMPARE_AND_SET)
         self._append = client.register_script(scripts.APPEND)
+        self._release = client.register_script(scripts.RELEASE)
         self._cache: dict[str, Versioned] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._record_listeners: list[RecordListener] = []
@@ -246,6 +247,14 @@ class Records:
             "claim", lambda client: client.set(key, owner, nx=True, px=ttl_ms), name
         )
         return bool(got)
+
+    async def release(self, name: str) -> bool:
+        """Give ``name`` back if this replica still holds it; True if it did."""
+        keys, args = [self.key(name)], [self.link.replica_id]
+        released = await self.link.call(
+            "claim release", lambda _: self._release(keys=keys, args=args), name
+        )
+        return int(released) == 1
 
     async def holder(self, name: str) -> str | None:
         """The replica holding claim ``name``, if any."""

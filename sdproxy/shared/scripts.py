@@ -231,6 +231,12 @@ end
 return 1
 """
 
+# KEYS: 1 a claim. ARGV: 1 its holder. Deletes it only if still that holder's; returns 1 then.
+RELEASE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+return redis.call('DEL', KEYS[1])
+"""
+
 ALL = (
     ACQUIRE,
     LEAVE,
@@ -242,4 +248,5 @@ ALL = (
     DEPART,
     CATCH_UP_BEGIN,
     CATCH_UP_END,
+    RELEASE,
 )

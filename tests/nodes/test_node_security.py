@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -14,7 +16,7 @@ import trustme
 from aiohttp import web
 
 from sdproxy.fakewebui import FakeNode, FakeNodeSettings, create_fake_app
-from tests.support import bound_port, fake_nodes, post_json, proxy
+from tests.support import bound_port, fake_nodes, free_port, post_json, proxy
 
 TXT2IMG = {"prompt": "x", "width": 64, "height": 64, "steps": 20, "batch_size": 2}
 NODE_PASSWORD = "n0de-pa55word-d0-not-leak"
@@ -69,6 +71,27 @@ class TestNodeBasicAuth:
                 status, body, _ = await post_json(session, f"{url}/sdapi/v1/txt2img", TXT2IMG)
             assert status == 200, body
             assert nodes[1].node.images_rendered == 2
+
+
+class TestNodeAddresses:
+    """Error texts name the node, not its address (they reach clients and the shared state)."""
+
+    async def test_refused_connection_error_holds_no_address(self) -> None:
+        """A node where nothing listens: "cannot connect: Connection refused", no host:port."""
+        port = free_port()
+        dead = {"name": "dead", "url": f"http://127.0.0.1:{port}"}
+        async with (
+            proxy([dead], scheduler=NO_WAIT) as url,
+            aiohttp.ClientSession() as session,
+        ):
+            status, body, _ = await post_json(session, f"{url}/sdapi/v1/txt2img", TXT2IMG)
+            async with session.get(f"{url}/cluster/status") as resp:
+                (node,) = (await resp.json())["nodes"]
+        assert status == 503
+        refused = f"cannot connect: {os.strerror(errno.ECONNREFUSED)}"
+        assert node["last_error"] == refused
+        assert refused in body["detail"]
+        assert str(port) not in body["detail"]
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from sdproxy.config import ClusterSettings, SchedulerSettings
@@ -87,6 +88,36 @@ class TestMode:
             refusing.require()
         assert raised.value.status == 503
         assert "Retry-After" in raised.value.headers()
+
+
+class TestCancellation:
+    """A call cancelled mid-way ends its caller, whatever redis-py makes of the cancellation."""
+
+    @pytest.mark.parametrize("swallowed_as", ["answer", "error"])
+    async def test_cancellation_swallowed_by_the_client_still_cancels(
+        self, open_stores: OpenStore, swallowed_as: str
+    ) -> None:
+        """An operation that catches the CancelledError and answers (as redis-py 8.1 was
+        seen doing in a SET NX at shutdown) or raises a RedisError: the caller is cancelled."""
+        store = await open_stores("r1")
+        started = asyncio.Event()
+
+        async def swallowing(_: Redis) -> None:
+            started.set()
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                if swallowed_as == "error":
+                    raise redis_errors.ResponseError("cancelled") from None
+                # else: an answer (None), as if the command had run
+
+        call = asyncio.create_task(store.link.call("claim", swallowing))
+        await started.wait()
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        assert call.cancelled()
+        assert store.shared  # not a Redis failure
 
 
 class TestRejoin:

@@ -208,6 +208,18 @@ class TestClaims:
 
         await wait_until(one_may_probe, what="the probe claim to expire")
 
+    async def test_claims_benchmark_released_by_its_holder_only(
+        self, open_stores: OpenStore
+    ) -> None:
+        """A benchmark claim lasts until its holder gives it back, which only the holder can."""
+        a, b = await open_stores("a"), await open_stores("b")
+        assert await a.nodes.claim_benchmark("gpu-a", 60)
+        assert not await b.nodes.claim_benchmark("gpu-a", 60)
+        assert not await b.nodes.release_benchmark("gpu-a")  # not b's to give back
+        assert not await b.nodes.claim_benchmark("gpu-a", 60)
+        assert await a.nodes.release_benchmark("gpu-a")
+        assert await b.nodes.claim_benchmark("gpu-a", 60)
+
     async def test_claims_catch_up_once(self, open_stores: OpenStore) -> None:
         """Concurrent catch-ups of one return: one does it, the others see it done."""
         a, b = await open_stores("a"), await open_stores("b")
