@@ -259,9 +259,9 @@ class Benchmarker:
         except (TypeError, ValueError, KeyError):
             return None
         numbers = (result.measured_at, result.overhead_s, result.per_image_s)
-        if result.node != node or not all(isinstance(n, int | float) for n in numbers):
-            return None
-        return result
+        sizes = (result.steps, result.width, result.height)
+        valid = all(isinstance(n, int | float) for n in numbers) and result.node == node
+        return result if valid and all(isinstance(n, int) and n > 0 for n in sizes) else None
 
     def _heard(self, node: str, data: dict[str, Any]) -> None:
         result = self._from_replica(node, data)

@@ -9,8 +9,16 @@ import aiohttp
 import pytest
 
 from sdproxy.cli import run_benchmarks
-from sdproxy.cluster.benchmark import BenchmarkResult, fit_runs, load_state, save_state
-from sdproxy.config import Settings, load_settings
+from sdproxy.cluster.benchmark import (
+    Benchmarker,
+    BenchmarkResult,
+    fit_runs,
+    load_state,
+    save_state,
+)
+from sdproxy.cluster.clock import LoopClock
+from sdproxy.cluster.state import MemoryState
+from sdproxy.config import BenchmarkSettings, Settings, load_settings
 from sdproxy.core.speed import image_work
 from sdproxy.fakewebui import FakeNodeSettings
 from tests.support import (
@@ -230,3 +238,39 @@ class TestStateFileUnwritable:
             )
             assert status["nodes"][0]["speed"]["source"] == "benchmark"
         assert "cannot store the benchmark of a" in caplog.text
+
+
+class TestSharedResults:
+    """A result heard from another replica is checked before it teaches the model."""
+
+    class _Host:
+        """A BenchmarkHost with one node "a"; its state is MemoryState."""
+
+        def __init__(self) -> None:
+            config = Settings.model_validate(
+                {"nodes": [{"name": "a", "url": "http://127.0.0.1:7861"}]}
+            )
+            self.clock = LoopClock()
+            self.state = MemoryState(config.nodes, config.scheduler, self.clock)
+            self.clients = {"a": type("Client", (), {"settings": config.nodes[0]})()}
+            self.lanes: dict[str, Any] = {}
+
+    @pytest.mark.parametrize(
+        "change",
+        [
+            {"steps": "20"},
+            {"width": 0},
+            {"overhead_s": "0.2"},
+            {"node": "b"},
+            {"runs": [[1]]},
+            {"surprise": 1},
+        ],
+    )
+    async def test_a_malformed_result_is_left_alone(self, change: dict[str, Any]) -> None:
+        host = self._Host()
+        benchmarker = Benchmarker(host, BenchmarkSettings(), 60.0)
+        data = {key: value for key, value in result().to_json().items() if key != "url"}
+        benchmarker._heard("a", {**data, **change})
+        assert benchmarker.results == {}
+        benchmarker._heard("a", data)  # the same, well formed: taken
+        assert benchmarker.results["a"].overhead_s == result().overhead_s
