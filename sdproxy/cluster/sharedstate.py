@@ -91,7 +91,12 @@ class SharedState:
             if health is not None:
                 self._local.adopt_health(node, health)
         await self.store.cluster.read_checkpoint()
-        self._heard_checkpoint()
+        absent = self.store.records.cached(self.store.cluster.CHECKPOINT).version == 0
+        if absent and self._local.checkpoint is not None:
+            # A Redis that restarted empty forgot it: what this replica knows is the truth.
+            await self.store.cluster.set_checkpoint(self._local.checkpoint)
+        else:
+            self._heard_checkpoint()
         if self.store.broadcast.subscriptions == 1:  # the first time: learn the past
             for node in self.nodes:
                 for entry in await self.store.records.entries("speed", node):
@@ -360,6 +365,8 @@ class SharedState:
         self._checkpoint_listeners.append(listener)
 
     def _heard_checkpoint(self) -> None:
+        if self.store.records.cached(self.store.cluster.CHECKPOINT).version == 0:
+            return  # no replica set one, or Redis forgot it: keep what this one knows
         title = self.store.cluster.cached_checkpoint()
         if title != self._local.checkpoint:
             self._local.set_checkpoint(title)

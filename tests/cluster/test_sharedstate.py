@@ -244,6 +244,21 @@ class TestCheckpoint:
         late = await open_state("r3")
         assert late.checkpoint == "v1-5-pruned.safetensors [6ce0161689]"
 
+    async def test_a_redis_that_restarted_empty_is_told_the_checkpoint(
+        self, open_state: OpenState, redis_server: RedisServer
+    ) -> None:
+        one = await open_state("r1")
+        one.set_checkpoint("sdxl.safetensors [31e35c80fc]")
+        await one.flush()
+        await redis_server.restart()  # no persistence: everything is gone
+        await wait_until(
+            lambda: one.status()["mode"] == "shared" and one.store.broadcast.subscriptions >= 2,
+            "r1 to rejoin",
+        )
+        assert one.checkpoint == "sdxl.safetensors [31e35c80fc]"
+        late = await open_state("r2")
+        assert late.checkpoint == "sdxl.safetensors [31e35c80fc]"
+
 
 class TestRedisGone:
     async def test_local_mode_keeps_scheduling(
