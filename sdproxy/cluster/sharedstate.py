@@ -70,7 +70,7 @@ class SharedState:
         self._benchmark_listeners: list[BenchmarkListener] = []
         self._signals: dict[str, list[Signal]] = {}
         store.records.on_record(self._heard_record)
-        store.records.on_entry("speed", self._heard_speed)
+        store.records.on_entry("speed", self._observe_entry)
         store.records.on_entry("benchmarks", self._heard_benchmark)
         store.broadcast.on_subscribed(self._catch_up)
 
@@ -241,10 +241,6 @@ class SharedState:
             f"a speed observation of {node}",
             lambda: self.store.records.append("speed", node, entry, max_len=SPEED_LOG_LEN),
         )
-
-    def _heard_speed(self, node: str, entry: dict[str, Any]) -> None:
-        if node in self._locks:
-            self._observe_entry(node, entry)
 
     def _observe_entry(self, node: str, entry: dict[str, Any]) -> None:
         if node not in self._locks or entry.get("replica") == self.store.replica_id:
