@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
+from sdproxy.cluster.published import Rendering, oldest_rendering
 from sdproxy.cluster.scheduler import Cluster
-from sdproxy.core.progress import (
-    NodeProgress,
-    Shape,
-    aggregate_progress,
-    idle_progress,
-    shape_of,
-)
+from sdproxy.core.progress import NodeProgress, aggregate_progress, idle_progress
 from sdproxy.core.request import parse_bool
 from sdproxy.errors import RequestValidationError, validation_error
 from sdproxy.nodes.fanout import call_each, combined_error
@@ -72,62 +66,21 @@ async def progress(request: web.Request) -> web.Response:
             ]
         )
     cluster = _cluster(request)
-    running = cluster.running_jobs()
-    oldest = min((job.run for _, job in running), key=lambda r: r.started_at, default=None)
-    remote = _oldest_elsewhere(cluster)
     params = {"skip_current_image": "true" if skip_image else "false"}
-    if remote is not None and (oldest is None or remote.started_at < oldest.started_at):
-        return json_response(await _render_progress(request, remote, params, skip_image))
-    if oldest is None:
+    # This replica's oldest request, then the others' (checked: they crossed Redis); the
+    # oldest of all is shown, this replica's on a tie.
+    candidates = [oldest_rendering(cluster.lanes)] + [
+        Rendering.from_json(data, cluster.clients) for data in cluster.state.others_progress()
+    ]
+    rendering = [each for each in candidates if each is not None]
+    shown = min(rendering, key=lambda each: each.started_at, default=None)
+    if shown is None:
         return json_response(idle_progress(cluster.last_run.job))
-    nodes: dict[str, int] = {}
-    for node, job in running:
-        if job.run is oldest:
-            nodes[node] = nodes.get(node, 0) + job.images
-    # Images still to come (rendering or queued) are the run's remaining ones.
-    done = oldest.request.total_images - max(oldest.remaining, 0)
-    here = _Rendering(
-        shape_of(oldest.request), oldest.started_at, max(done, 0), oldest.interrupted, nodes
-    )
-    return json_response(await _render_progress(request, here, params, skip_image))
-
-
-@dataclass(frozen=True)
-class _Rendering:
-    """The request /progress shows: this replica's, or another's as it published it."""
-
-    shape: Shape
-    started_at: float
-    done_images: int
-    interrupted: bool
-    nodes: dict[str, int]  # node -> images it renders for the request now
-
-
-def _oldest_elsewhere(cluster: Cluster) -> _Rendering | None:
-    """The oldest request another replica renders now, checked (it crossed Redis)."""
-    found = []
-    for data in cluster.state.others_progress():
-        shape = Shape.from_json(data)
-        started_at, done = data.get("started_at"), data.get("done_images")
-        interrupted, nodes = data.get("interrupted"), data.get("nodes")
-        if shape is None or not isinstance(started_at, int | float) or not isinstance(nodes, dict):
-            continue
-        if not isinstance(done, int) or not isinstance(interrupted, bool):
-            continue
-        mine = {
-            node: images
-            for node, images in nodes.items()
-            if node in cluster.clients
-            and isinstance(images, int)
-            and 0 < images <= shape.total_images
-        }
-        if mine and 0 <= done <= shape.total_images:
-            found.append(_Rendering(shape, float(started_at), done, interrupted, mine))
-    return min(found, key=lambda rendering: rendering.started_at, default=None)
+    return json_response(await _render_progress(request, shown, params, skip_image))
 
 
 async def _render_progress(
-    request: web.Request, rendering: _Rendering, params: dict[str, str], skip_image: bool
+    request: web.Request, rendering: Rendering, params: dict[str, str], skip_image: bool
 ) -> Mapping[str, Any]:
     """Ask the nodes rendering the request for their progress and answer as one webui."""
     cluster = _cluster(request)

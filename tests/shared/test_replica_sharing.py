@@ -142,6 +142,17 @@ class TestInterrupt:
                         lambda: all(n.node.state.sampling_step >= 1 for n in (a, b)),
                         what="both nodes to render",
                     )
+                    # B renders nothing itself, yet shows A's request as one webui would.
+                    seen: dict[str, Any] = {}
+
+                    async def b_shows_a_busy() -> bool:
+                        async with session.get(f"{second.url}/sdapi/v1/progress") as resp:
+                            seen.update(await resp.json())
+                        return bool(seen["state"]["job_count"] > 0)
+
+                    await wait_until(b_shows_a_busy, what="B to show A's request")
+                    assert seen["state"]["job_count"] == 6  # the client's n_iter
+                    assert 0 < seen["progress"] < 1
                     status, answer, _ = await post_json(
                         session, f"{second.url}/sdapi/v1/interrupt", None
                     )
