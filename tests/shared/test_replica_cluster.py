@@ -100,6 +100,17 @@ class Load:
     def answered(self, replica: ReplicaProcess) -> int:
         return sum(answer.replica == replica.replica_id for answer in self.answers)
 
+    async def under_way(
+        self, group: asyncio.TaskGroup, targets: Sequence[ReplicaProcess], clients: int
+    ) -> None:
+        """Start ``clients`` per replica, and return once every replica has answered twice."""
+        self.start(group, targets, clients)
+        await wait_until(
+            lambda: all(self.answered(replica) >= 2 for replica in targets),
+            what="every replica to answer",
+            timeout_s=30,
+        )
+
 
 async def assert_rendered_right(
     session: aiohttp.ClientSession, reference: RunningNode, answers: Sequence[Answer]
@@ -208,12 +219,7 @@ class TestReplicaKilled:
                 victim, living = started[0], started[1:]
                 load = Load(session)
                 async with asyncio.TaskGroup() as group:
-                    load.start(group, started, clients=3)
-                    await wait_until(
-                        lambda: all(load.answered(replica) >= 2 for replica in started),
-                        what="every replica to answer",
-                        timeout_s=30,
-                    )
+                    await load.under_way(group, started, clients=3)
                     orphaned = await kill_holding_a_lease(victim, raw, names)
                     answered_at_kill = len(load.answers)
                     fenced_at_kill = await fences(raw, orphaned)
@@ -273,12 +279,7 @@ class TestRedisRestart:
 
                 load = Load(session)
                 async with asyncio.TaskGroup() as group:
-                    load.start(group, started, clients=2)
-                    await wait_until(
-                        lambda: all(load.answered(replica) >= 2 for replica in started),
-                        what="both replicas to answer",
-                        timeout_s=30,
-                    )
+                    await load.under_way(group, started, clients=2)
                     # Stopped and started again once both noticed, so that both surely rejoin.
                     await redis_server.stop()
                     await wait_until(lambda: in_mode("local"), what="local mode", timeout_s=10)
